@@ -1,0 +1,246 @@
+"""The typed config tree: YAML file + dotted command-line overrides, validated by pydantic.
+
+The defaults ARE the embedded tiny CPU job (tiny model, synthetic data, local Ray), so every
+command runs with no config at all; `jobs/sat_qwen2vl_2b.yaml` overrides them with the paper's
+recipe for a GPU cluster. Every section forbids unknown keys: a typo fails at start with the key's
+full dotted name and the closest valid keys.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is wrong; the message says which and what to do."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    path: str = Field(
+        "artifacts/tiny-model", description="HF hub id or local folder of a Qwen2-VL checkpoint"
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="auto: bfloat16 on GPU, float32 on CPU"
+    )
+    # The image limits must be the same in the engine and the learner: both read them from here.
+    min_pixels: int = Field(28 * 28 * 4, gt=0, description="image processor min_pixels")
+    max_pixels: int = Field(28 * 28 * 16, gt=0, description="image processor max_pixels (paper: 401408)")
+    prompt_style: Literal["base", "instruct"] = Field(
+        "base",
+        description="base: R1-Zero template ending in <think>; instruct: the checkpoint's chat template",
+    )
+    freeze_vision: bool = Field(False, description="keep the vision tower's weights fixed")
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _pixels_ordered(self) -> ModelConfig:
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels})")
+        return self
+
+
+class DataConfig(_Section):
+    train: str = Field("artifacts/data/SAT", description="SAT hub id (array/SAT), folder or parquet file")
+    train_split: str = "train"
+    train_limit: int | None = Field(None, gt=0, description="use the first N rows (paper: 15000)")
+    shuffle_options: bool = True
+    skip_multi_image: bool = True
+    eval: str = Field(
+        "artifacts/data/CV-Bench",
+        description="CV-Bench hub id (nyu-visionx/CV-Bench), folder or parquet file",
+    )
+    eval_limit: int | None = Field(None, gt=0)
+    seed: int = 0
+
+
+class RolloutConfig(_Section):
+    engine: Literal["vllm", "hf"] = Field("vllm", description="vllm wherever it imports; hf is the fallback")
+    num_workers: int = Field(1, ge=1)
+    gpus_per_worker: float = Field(0, ge=0, description="0 on CPU")
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    max_model_len: int = Field(2048, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(64, gt=0, description="paper: 700")
+    eval_max_new_tokens: int = Field(64, gt=0, description="paper: 1024 (greedy)")
+    stop: list[str] = Field(default_factory=list)
+
+
+class RewardPlugin(_Section):
+    name: str
+    function: str = Field(
+        description="'module:function' with signature fn(completion, gold, choices) -> float"
+    )
+    weight: float = 1.0
+
+    @field_validator("function")
+    @classmethod
+    def _module_colon_function(cls, v: str) -> str:
+        module, sep, attr = v.partition(":")
+        if not sep or not module or not attr:
+            raise ValueError(f"expected 'module:function', got {v!r}")
+        return v
+
+
+class RewardConfig(_Section):
+    num_workers: int = Field(1, ge=1)
+    timeout_s: float = Field(5.0, gt=0, description="per-completion grading time limit")
+    format_weight: float = 1.0
+    accuracy_weight: float = 1.0
+    plugins: list[RewardPlugin] = Field(default_factory=list)
+
+
+class LearnerConfig(_Section):
+    num_workers: int = Field(1, ge=1, description="learner ranks (one per GPU)")
+    gpus_per_worker: float = Field(0, ge=0)
+    lr: float = Field(1e-6, gt=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, gt=0)
+    micro_batch_tokens: int = Field(8192, gt=0, description="token budget of one forward/backward")
+    mini_batches: int = Field(1, ge=1, description="optimizer steps per rollout batch and epoch")
+    update_epochs: int = Field(1, ge=1)
+
+
+class AlgorithmConfig(_Section):
+    group_size: int = Field(8, ge=1, description="G completions per prompt")
+    prompts_per_step: int = Field(8, ge=1)
+    beta: float = Field(0.04, ge=0, description="k3 KL weight against the frozen reference; 0 skips it")
+    clip_low: float = Field(0.2, ge=0)
+    clip_high: float = Field(0.2, ge=0)
+    loss_agg: Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"] = "seq_mean_token_mean"
+    scale_adv_by_std: bool = True
+    adv_eps: float = Field(1e-4, gt=0)
+    epochs: int = Field(2, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after N steps (default: run all epochs)")
+
+
+class ResourcesConfig(_Section):
+    ray_address: str | None = Field(None, description="None: join RAY_ADDRESS if set, else start a local Ray")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # KubeRay worker groups advertise these custom resources so each pool lands on its own group.
+    rollout_resource: str | None = None
+    learner_resource: str | None = None
+    reward_resource: str | None = None
+    collective_timeout_s: float = Field(600.0, gt=0, description="bound on every collective")
+
+
+class LoggingConfig(_Section):
+    dir: str = "runs/tiny"
+    sample_every: int = Field(10, ge=1, description="log sample completions every K steps")
+
+
+class CheckpointConfig(_Section):
+    dir: str | None = Field(None, description="default: <logging.dir>/checkpoints")
+    every: int = Field(50, ge=1)
+    keep_last: int = Field(2, ge=1)
+
+
+class EvalConfig(_Section):
+    every: int | None = Field(
+        None, ge=1, description="evaluate every K training steps (None: only at the end)"
+    )
+    limit: int | None = Field(None, gt=0)
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The defaults, updated by the YAML file at `path`, then by `key.sub=value` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist (see jobs/ for examples)")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(
+                f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}"
+            )
+        raw = loaded or {}
+    for item in overrides:
+        apply_override(raw, item)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_explain(e, source=str(path) if path else "defaults")) from None
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (0.0, null, [a, b], true)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. algorithm.beta=0.0)")
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from e
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the field at `loc` (for suggesting valid keys)."""
+    model: Any = Config
+    for part in loc[:-1]:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        candidates = [ann, *args]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return model
+
+
+def _explain(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        dotted = ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden":
+            owner = _model_at(loc)
+            valid = sorted(owner.model_fields) if owner else []
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            lines.append(f"  unknown key '{dotted}'{hint} (valid keys here: {', '.join(valid)})")
+        else:
+            lines.append(f"  {dotted}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
