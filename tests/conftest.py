@@ -1,0 +1,31 @@
+"""Shared fixtures: one tiny model and one synthetic data set per test session (built locally, no hub)."""
+
+import os
+
+import pytest
+
+# vLLM on the CPU runs in-process with a small KV cache; keep its logs quiet in test output.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+MIN_PIXELS = 28 * 28 * 4
+MAX_PIXELS = 28 * 28 * 16
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from visualthinker_ray.models import make_tiny_model
+
+    return str(make_tiny_model(tmp_path_factory.mktemp("tiny-model"), seed=0))
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory):
+    from visualthinker_ray.data.synthetic import make_synthetic
+
+    out = tmp_path_factory.mktemp("synthetic")
+    make_synthetic(out, n_train=48, n_test=24, seed=0)
+    return out

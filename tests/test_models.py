@@ -1,0 +1,78 @@
+import io
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from tests.conftest import MAX_PIXELS, MIN_PIXELS
+from visualthinker_ray.models import (
+    VISION_SPECIAL_TOKENS,
+    banned_token_ids,
+    load_model,
+    load_processor,
+    make_tiny_model,
+)
+
+
+def test_tiny_model_is_small_and_complete(tiny_model_dir):
+    from pathlib import Path
+
+    files = {p.name: p.stat().st_size for p in Path(tiny_model_dir).iterdir()}
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "processor_config.json",
+        "generation_config.json",
+    ):
+        assert name in files, f"{name} missing from the tiny model"
+    assert sum(files.values()) < 5 * 2**20
+    proc_cfg = json.loads((Path(tiny_model_dir) / "processor_config.json").read_text())
+    assert "image_processor" in proc_cfg and "video_processor" in proc_cfg  # vLLM's loader wants both
+
+
+def test_tiny_model_is_deterministic_for_a_seed(tmp_path, tiny_model_dir):
+    again = make_tiny_model(tmp_path / "again", seed=0)
+    other = make_tiny_model(tmp_path / "other", seed=1)
+    a = load_file(f"{tiny_model_dir}/model.safetensors")
+    b = load_file(again / "model.safetensors")
+    c = load_file(other / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    assert (again / "tokenizer.json").read_text() == (other / "tokenizer.json").read_text()
+
+
+def test_loads_through_auto_classes_and_runs_a_forward_with_an_image(tiny_model_dir):
+    proc = load_processor(tiny_model_dir, MIN_PIXELS, MAX_PIXELS)
+    model = load_model(tiny_model_dir)
+    assert proc.tokenizer.padding_side == "left"
+    assert proc.image_processor.size["longest_edge"] == MAX_PIXELS
+    buf = io.BytesIO()
+    Image.new("RGB", (112, 112), "red").save(buf, "PNG")
+    img = Image.open(buf)
+    text = "<|vision_start|><|image_pad|><|vision_end|>What colour?"
+    inputs = proc(text=[text], images=[img], return_tensors="pt")
+    n_pad = int((inputs["input_ids"] == proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum())
+    # one placeholder per merged 2x2 patch group
+    assert n_pad == int(inputs["image_grid_thw"].prod()) // 4 == 16
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.shape == (1, inputs["input_ids"].shape[1], model.config.text_config.vocab_size)
+    assert torch.isfinite(logits).all()
+
+
+def test_vision_special_tokens_are_single_tokens_and_banned(tiny_model_dir):
+    proc = load_processor(tiny_model_dir, MIN_PIXELS, MAX_PIXELS)
+    ids = banned_token_ids(proc.tokenizer)
+    assert len(set(ids)) == len(VISION_SPECIAL_TOKENS)
+    assert proc.tokenizer.unk_token_id not in ids
+    for tok, i in zip(VISION_SPECIAL_TOKENS, ids, strict=True):
+        assert proc.tokenizer.convert_ids_to_tokens(i) == tok
+
+
+def test_missing_local_model_path_says_how_to_build_one(tmp_path):
+    with pytest.raises(FileNotFoundError, match="make-tiny-model"):
+        load_model(str(tmp_path / "missing"))

@@ -1,0 +1,68 @@
+"""Prompt text and vision inputs for a PromptRecord: one builder for training and evaluation.
+
+The base-model prompt is rendered directly, not through the checkpoint's chat template: the
+reference code broke on the base Qwen2-VL template and users had to copy template files by hand.
+"""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image
+
+from visualthinker_ray.data.records import PromptRecord
+
+VISION_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
+
+# RECIPE.md, verbatim: note the space after {question} and that the prompt ENDS with "<think>",
+# so the completion starts inside the thinking block.
+BASE_TEMPLATE = (
+    "A conversation between User and Assistant. The user asks a question about the image, and the Assistant "
+    "solves it. The assistant first thinks about the reasoning process in the mind and then provides the user "
+    "with the answer.\nUser: {question} \nAssistant: Let me solve this step by step.\n<think>"
+)
+INSTRUCT_SUFFIX = (
+    "  Output the thinking process in <think> </think> and final answer (option) in <answer> </answer> tags."
+)
+
+
+def base_prompt(question: str, num_images: int = 1) -> str:
+    """Image placeholders first (a role-less content list: image, then text), then the template."""
+    return VISION_BLOCK * num_images + BASE_TEMPLATE.format(question=question)
+
+
+def instruct_prompt(processor, question: str, num_images: int = 1) -> str:
+    """One user turn through the checkpoint's chat template, for instruct models."""
+    content = [{"type": "image"} for _ in range(num_images)]
+    content.append({"type": "text", "text": question + INSTRUCT_SUFFIX})
+    messages = [{"role": "user", "content": content}]
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def build_prompt(record: PromptRecord, style: str = "base", processor=None) -> str:
+    if style == "base":
+        return base_prompt(record.question, len(record.images))
+    if style == "instruct":
+        if processor is None:
+            raise ValueError("the instruct prompt style needs the checkpoint's processor (its chat template)")
+        return instruct_prompt(processor, record.question, len(record.images))
+    raise ValueError(f"unknown prompt style {style!r}; use 'base' or 'instruct'")
+
+
+def load_images(record: PromptRecord, min_pixels: int, max_pixels: int) -> list[Image.Image]:
+    """Decode a record's images and resize them as Qwen2-VL expects.
+
+    Both the engine and the learner call this with the same limits, so both expand each image to
+    the same number of <|image_pad|> tokens.
+    """
+    from qwen_vl_utils import fetch_image
+
+    images = []
+    for i, data in enumerate(record.images):
+        try:
+            img = Image.open(io.BytesIO(data))
+            img.load()
+        except Exception as e:
+            raise ValueError(f"record {record.id}: image {i} cannot be decoded ({e})") from e
+        images.append(fetch_image({"image": img, "min_pixels": min_pixels, "max_pixels": max_pixels}))
+    return images

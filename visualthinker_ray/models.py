@@ -1,0 +1,232 @@
+"""Loading Qwen2-VL processors and models, and building the tiny Qwen2-VL used on the CPU.
+
+The tiny model is a real Qwen2-VL checkpoint in HF format, only small: it loads through exactly the
+`from_pretrained` path (and vLLM's loader) that the real Qwen/Qwen2-VL-2B does.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# Special tokens of Qwen2-VL, in the order the tiny tokenizer gives them ids 0..N-1.
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+# Never sampled: a random or early model that writes one breaks the learner's forward
+# ("Image features and image tokens do not match").
+VISION_SPECIAL_TOKENS = [
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# A ChatML template in Qwen2-VL's style, for the instruct prompt variant. The base-model prompt
+# never goes through it (prompts.py renders that one directly).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' or 'image' in item %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Words the tiny tokenizer is trained on: the prompt template, the answer format, the synthetic
+# questions' vocabulary and common reasoning words, so that short completions tokenize compactly.
+_CORPUS_WORDS = """
+A conversation between User and Assistant. The user asks a question about the image, and the Assistant
+solves it. The assistant first thinks about the reasoning process in the mind and then provides the user
+with the answer. User: Assistant: Let me solve this step by step. <think> </think> <answer> </answer>
+Answer in natural language. Choose between the following options: or Select from the following choices.
+(A) (B) (C) (D) (E) A B C D E
+What colour color is the shape of object objects How many are there in image Is it left right above below
+of Which bigger smaller larger closer farther to camera taking this photo these two the
+red green blue yellow purple orange black white gray pink brown cyan
+circle circles square squares triangle triangles star rectangle
+0 1 2 3 4 5 6 7 8 9 10 zero one two three four five six seven eight nine ten
+I see so therefore because wait but hmm let check verify again answer is think the it this that
+first second then finally on side top bottom position size compare count number more less than
+"""
+
+
+def tiny_tokenizer_corpus() -> list[str]:
+    lines = [line.strip() for line in _CORPUS_WORDS.strip().splitlines()]
+    # Repeat with varied spacing/case so BPE learns both " word" and "word" merges.
+    return lines * 4 + [line.lower() for line in lines] + [" ".join(lines)]
+
+
+def build_tiny_tokenizer(vocab_size: int = 1024):
+    """A byte-level BPE trained locally (deterministic), wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(tiny_tokenizer_corpus(), trainer=trainer)
+    # padding_side must go to the constructor: setting it afterwards is not saved.
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        padding_side="left",
+        extra_special_tokens={},
+        model_max_length=4096,
+    )
+
+
+def build_processor(tokenizer, min_pixels: int, max_pixels: int):
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
+    video_processor = Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
+    return Qwen2VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def tiny_model_config(tokenizer, hidden_size: int = 128, num_layers: int = 2, vision_depth: int = 2):
+    """A Qwen2-VL config small enough for the CPU that vLLM's CPU backend still accepts.
+
+    vLLM's CPU attention needs head_dim 64, and M-RoPE needs sum(mrope_section) == head_dim / 2.
+    """
+    from transformers import Qwen2VLConfig
+
+    head_dim = 64
+    num_heads = hidden_size // head_dim
+    if num_heads * head_dim != hidden_size:
+        raise ValueError(f"hidden_size {hidden_size} must be a multiple of {head_dim} (vLLM CPU head_dim)")
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    text_config = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=1,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [8, 12, 12]},
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|endoftext|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    vision_config = dict(
+        depth=vision_depth,
+        embed_dim=32,
+        hidden_size=hidden_size,
+        num_heads=2,
+        mlp_ratio=2,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
+    return Qwen2VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+
+
+def make_tiny_model(
+    out_dir: str | Path,
+    seed: int = 0,
+    min_pixels: int = 28 * 28 * 4,
+    max_pixels: int = 28 * 28 * 16,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    vocab_size: int = 1024,
+) -> Path:
+    """Write a tiny random Qwen2-VL in HF format (model, processor, generation config) to `out_dir`."""
+    from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_tokenizer(vocab_size)
+    processor = build_processor(tokenizer, min_pixels, max_pixels)
+    config = tiny_model_config(tokenizer, hidden_size=hidden_size, num_layers=num_layers)
+    # Seed a private generator state: the weights depend on `seed` only, not on what ran before.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2VLForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.text_config.bos_token_id,
+        eos_token_id=config.text_config.eos_token_id,
+        pad_token_id=config.text_config.pad_token_id,
+        do_sample=True,
+        temperature=1.0,
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    (out / "visualthinker_tiny.json").write_text(
+        json.dumps({"seed": seed, "kind": "tiny-qwen2-vl"}, indent=2)
+    )
+    return out
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+
+
+def load_processor(path: str, min_pixels: int, max_pixels: int):
+    """The checkpoint's processor with the configured image limits (the engine and learner share them)."""
+    from transformers import AutoProcessor
+
+    _check_local_path(path)
+    return AutoProcessor.from_pretrained(
+        path, size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, padding_side="left"
+    )
+
+
+def load_model(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    from transformers import AutoModelForImageTextToText
+
+    _check_local_path(path)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+    return model.to(device)
+
+
+def banned_token_ids(tokenizer) -> list[int]:
+    return [tokenizer.convert_tokens_to_ids(t) for t in VISION_SPECIAL_TOKENS]
+
+
+def _check_local_path(path: str) -> None:
+    """A path that looks local but is missing gets a clear error instead of a hub lookup."""
+    p = Path(path)
+    looks_local = path.startswith((".", "/", "~")) or p.exists() or path.count("/") != 1
+    if looks_local and not p.expanduser().exists():
+        raise FileNotFoundError(
+            f"model path {path!r} does not exist. Give a local HF checkpoint folder (build the tiny one with "
+            f"`python -m visualthinker_ray make-tiny-model --out {path}`) or a hub id like Qwen/Qwen2-VL-2B."
+        )
