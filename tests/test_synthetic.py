@@ -1,0 +1,317 @@
+"""The synthetic SAT / CV-Bench generator: published schemas, determinism, answerability, balance."""
+
+from __future__ import annotations
+
+import io
+import random
+import re
+from collections import Counter
+
+import pytest
+from datasets import Features, Image, Sequence, Value, load_dataset
+from PIL import Image as PILImage
+
+from visualthinker_ray.data import synthetic as syn
+
+# The published columns, written out here independently of the generator.
+SAT_FEATURES = Features(
+    {
+        "image_bytes": Sequence(Image()),
+        "question": Value("string"),
+        "answers": Sequence(Value("string")),
+        "question_type": Value("string"),
+        "correct_answer": Value("string"),
+    }
+)
+CVBENCH_FEATURES = Features(
+    {
+        "idx": Value("int64"),
+        "type": Value("string"),
+        "task": Value("string"),
+        "image": Image(),
+        "question": Value("string"),
+        "choices": Sequence(Value("string")),
+        "answer": Value("string"),
+        "prompt": Value("string"),
+        "source": Value("string"),
+    }
+)
+N_PER_TYPE = 300  # questions per type for the balance checks (no rendering: fast)
+
+
+def _read(path, cache):
+    return load_dataset("parquet", data_files={"x": str(path)}, split="x", cache_dir=str(cache))
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic")
+    summary = syn.make_synthetic(out, n_train=40, n_test=10, seed=0)
+    return out, summary
+
+
+# ---------------------------------------------------------------- files and schemas
+
+
+def test_sat_files_have_the_published_schema(written, tmp_path):
+    out, summary = written
+    sizes = {"train": 40, "val": 10, "test": 10, "static": 40}
+    for split, n in sizes.items():
+        ds = _read(out / "SAT" / f"SAT_{split}.parquet", tmp_path)
+        assert ds.features == SAT_FEATURES
+        assert len(ds) == n == summary["files"][f"SAT/SAT_{split}.parquet"]["rows"]
+        for row in ds:
+            # Like real SAT: image_bytes decodes to a list of PIL images.
+            assert row["image_bytes"] and all(isinstance(im, PILImage.Image) for im in row["image_bytes"])
+            assert row["image_bytes"][0].size == (112, 112)
+            assert row["correct_answer"] in row["answers"]
+            assert len(set(row["answers"])) == len(row["answers"]) >= 2
+            assert row["question"].endswith("?") and "Choose" not in row["question"]
+        two = [r["question_type"] for r in ds if len(r["image_bytes"]) == 2]
+        # Only train has two-image rows, 5% of them (rows 3 and 23 of 40), all motion questions.
+        assert two == ([syn.MOTION_TYPE] * 2 if split == "train" else [])
+        assert summary["files"][f"SAT/SAT_{split}.parquet"]["two_image_rows"] == len(two)
+    single = [r["question_type"] for r in _read(out / "SAT" / "SAT_train.parquet", tmp_path)]
+    assert set(single) - {syn.MOTION_TYPE} <= set(syn.QUESTION_TYPES)
+
+
+def test_cvbench_split_layout_has_the_published_schema(written, tmp_path):
+    out, summary = written
+    ds2 = _read(out / "CV-Bench" / "test_2d.parquet", tmp_path)
+    ds3 = _read(out / "CV-Bench" / "test_3d.parquet", tmp_path)
+    assert ds2.features == CVBENCH_FEATURES and ds3.features == CVBENCH_FEATURES
+    assert len(ds2) + len(ds3) == 10
+    assert summary["files"]["CV-Bench/test_2d.parquet"]["rows"] == len(ds2)
+    assert [r["idx"] for r in ds2] + [r["idx"] for r in ds3] == list(range(10))
+    assert {r["task"] for r in ds2} == {"Count", "Relation"} and {r["type"] for r in ds2} == {"2D"}
+    assert {r["task"] for r in ds3} == {"Depth", "Distance"} and {r["type"] for r in ds3} == {"3D"}
+    assert {r["source"] for r in ds2} == {"ADE20K", "COCO"} and {r["source"] for r in ds3} == {"Omni3D"}
+    for r in list(ds2) + list(ds3):
+        assert isinstance(r["image"], PILImage.Image)
+        letters = [f"({chr(65 + i)})" for i in range(len(r["choices"]))]
+        assert r["answer"] in letters
+        lettered = "\n".join(f"{lt} {c}" for lt, c in zip(letters, r["choices"], strict=True))
+        assert r["prompt"] == f"{r['question']} Select from the following choices.\n{lettered}"
+
+
+def test_cvbench_single_file_layout_holds_the_same_rows(written, tmp_path):
+    out, _ = written
+    info = syn.write_cvbench(tmp_path / "old", 10, seed=0, layout="single")
+    assert info == {"test.parquet": {"rows": 10}}
+    single = _read(tmp_path / "old" / "test.parquet", tmp_path / "c")
+    assert single.features == CVBENCH_FEATURES
+    split_rows = list(_read(out / "CV-Bench" / "test_2d.parquet", tmp_path / "c")) + list(
+        _read(out / "CV-Bench" / "test_3d.parquet", tmp_path / "c")
+    )
+    cols = ["idx", "task", "prompt", "answer", "source"]
+    assert [[r[c] for c in cols] for r in single] == [[r[c] for c in cols] for r in split_rows]
+    with pytest.raises(ValueError, match="layout"):
+        syn.write_cvbench(tmp_path / "bad", 4, layout="nested")
+
+
+# ---------------------------------------------------------------- determinism
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
+    a = syn.make_synthetic(tmp_path / "a", n_train=12, n_test=4, seed=3)
+    b = syn.make_synthetic(tmp_path / "b", n_train=12, n_test=4, seed=3)
+    syn.make_synthetic(tmp_path / "c", n_train=12, n_test=4, seed=4)
+    assert a["files"] == b["files"]
+    for rel in a["files"]:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+        assert (tmp_path / "a" / rel).read_bytes() != (tmp_path / "c" / rel).read_bytes(), rel
+
+
+def test_question_generation_is_pure_for_its_generator():
+    for qtype in syn.QUESTION_TYPES + (syn.MOTION_TYPE,):
+        q1 = syn.make_question(random.Random(7), qtype)
+        q2 = syn.make_question(random.Random(7), qtype)
+        assert q1 == q2
+        assert [syn.scene_png(s) for s in q1.scenes] == [syn.scene_png(s) for s in q2.scenes]
+    cols1 = syn.sat_columns(6, "train", seed=1)
+    assert cols1 == syn.sat_columns(6, "train", seed=1)
+    assert cols1["image_bytes"] != syn.sat_columns(6, "train", seed=2)["image_bytes"]
+    # A row depends on (seed, split, row) only: more rows do not change the first ones.
+    assert syn.sat_columns(9, "train", seed=1)["question"][:6] == cols1["question"]
+
+
+# ---------------------------------------------------------------- scenes and answerability
+
+
+def _check_scene(scene, image_size=112):
+    objs = scene.objects
+    assert 2 <= len(objs) <= 5
+    assert len({o.r for o in objs}) == len(objs), "sizes must be distinct"
+    for o in objs:
+        x0, y0, x1, y1 = o.box
+        assert min(x0, y0) > 0 and max(x1, y1) < image_size - 1
+    for i, a in enumerate(objs):
+        for b in objs[i + 1 :]:
+            ax0, ay0, ax1, ay1 = a.box
+            bx0, by0, bx1, by1 = b.box
+            assert ax1 < bx0 or bx1 < ax0 or ay1 < by0 or by1 < ay0, f"{a} overlaps {b}"
+
+
+def _one(scene, name):
+    found = [o for o in scene.objects if o.name == name]
+    assert len(found) == 1, f"{name!r} must name exactly one object, found {len(found)}"
+    return found[0]
+
+
+def _groups(pattern, text):
+    m = re.fullmatch(pattern, text)
+    assert m, f"{text!r} does not match {pattern!r}"
+    return m.groups()
+
+
+def _check_answerable(q):
+    assert q.correct_answer in q.answers and len(set(q.answers)) == len(q.answers)
+    scene = q.scenes[0]
+    t = q.question_type
+    if t == "color":
+        (shape,) = _groups(r"What color is the (\w+)\?", q.question)
+        matches = [o for o in scene.objects if o.shape == shape]
+        assert len(matches) == 1 and matches[0].color == q.correct_answer
+    elif t == "shape":
+        (color,) = _groups(r"What shape is the (\w+) object\?", q.question)
+        matches = [o for o in scene.objects if o.color == color]
+        assert len(matches) == 1 and matches[0].shape == q.correct_answer
+    elif t in ("count", "Count"):
+        (what,) = _groups(r"How many (\w+?)s? (?:objects )?(?:are there|are in the image)\?", q.question)
+        n = sum(o.color == what or o.shape == what for o in scene.objects)
+        assert n == int(q.correct_answer) >= 1
+    elif t in ("left_right", "above_below", "Relation"):
+        if t == "Relation":
+            a, b = _groups(r"Considering the relative positions of the (.+) and the (.+) in the image "
+                           r"provided, where is the \1 located with respect to the \2\?", q.question)  # fmt: skip
+        else:
+            a, b = _groups(
+                r"Is the (.+?) (?:to the left or to the right of|above or below) the (.+)\?", q.question
+            )
+        a, b = _one(scene, a), _one(scene, b)
+        horizontal = set(q.answers) == {"left", "right"}
+        assert horizontal or set(q.answers) == {"above", "below"}
+        lo, hi = (0, 2) if horizontal else (1, 3)  # box coordinates along the axis
+        gap = 4  # at least this many clear pixels between the two boxes along the axis
+        if q.correct_answer in ("left", "above"):
+            assert a.box[hi] + gap <= b.box[lo]
+        else:
+            assert b.box[hi] + gap <= a.box[lo]
+    elif t in ("size", "Depth"):
+        a, b = _groups(r"Which (?:is bigger|object is closer to the camera taking this photo), "
+                       r"the (.+) or the (.+)\?", q.question)  # fmt: skip
+        a, b = _one(scene, a), _one(scene, b)
+        big, small = (a, b) if a.area > b.area else (b, a)
+        assert big.name == q.correct_answer and big.area >= 2 * small.area
+        assert set(q.answers) == {a.name, b.name}
+    elif t == "Distance":
+        a, b, c = _groups(
+            r"Which of these two objects \(the (.+) or the (.+)\) is closer to the (.+)\?", q.question
+        )
+        a, b, c = _one(scene, a), _one(scene, b), _one(scene, c)
+        da, db = ((o.x - c.x) ** 2 + (o.y - c.y) ** 2 for o in (a, b))
+        near, d_near, d_far = (a, da, db) if da < db else (b, db, da)
+        assert near.name == q.correct_answer and d_far >= 1.5**2 * d_near
+    elif t == syn.MOTION_TYPE:
+        (name,) = _groups(
+            r"Did the (.+) move to the left or to the right between the two images\?", q.question
+        )
+        before, after = q.scenes
+        _check_scene(after)
+        moved = [(o, p) for o, p in zip(before.objects, after.objects, strict=True) if o != p]
+        assert len(moved) == 1 and moved[0][0].name == name
+        o, p = moved[0]
+        assert (p.y, p.r) == (o.y, o.r)
+        dx = p.x - o.x
+        assert abs(dx) >= 2 * o.r, "the two positions must not overlap"
+        assert q.correct_answer == ("left" if dx < 0 else "right")
+    else:
+        raise AssertionError(f"unexpected question type {t}")
+
+
+@pytest.mark.parametrize("qtype", syn.QUESTION_TYPES + (syn.MOTION_TYPE,))
+def test_sat_questions_are_answerable_from_the_scene(qtype):
+    for i in range(80):
+        q = syn.make_question(random.Random(i), qtype)
+        assert q.question_type == qtype
+        assert len(q.scenes) == (2 if qtype == syn.MOTION_TYPE else 1)
+        _check_scene(q.scenes[0])
+        _check_answerable(q)
+
+
+@pytest.mark.parametrize("task", ["Count", "Relation", "Depth", "Distance"])
+def test_cvbench_questions_are_answerable_from_the_scene(task):
+    for i in range(80):
+        q = syn.make_cvbench_question(random.Random(i), task)
+        assert q.question_type == task
+        _check_scene(q.scenes[0])
+        _check_answerable(q)
+
+
+def test_rendered_pixels_show_the_scene():
+    for i in range(20):
+        q = syn.make_question(random.Random(i), image_size=96)
+        img = PILImage.open(io.BytesIO(syn.scene_png(q.scenes[0])))
+        assert img.format == "PNG" and img.size == (96, 96)
+        rgb = img.convert("RGB")
+        assert rgb.getpixel((0, 0)) == q.scenes[0].background
+        for o in q.scenes[0].objects:
+            # The centre lies inside every shape (a triangle's centre is half-way up its height).
+            assert rgb.getpixel((o.x, o.y)) == syn.COLORS[o.color], o
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="image_size"):
+        syn.make_question(random.Random(0), "color", image_size=20)
+    with pytest.raises(ValueError, match="question_type"):
+        syn.make_question(random.Random(0), "weather")
+    with pytest.raises(ValueError, match="task"):
+        syn.make_cvbench_question(random.Random(0), "Colour")
+
+
+# ---------------------------------------------------------------- balance
+
+
+def _gold_label(q):
+    """The label a constant answerer could bet on: the answer text, or first- vs second-mentioned."""
+    if q.question_type in ("size", "Depth", "Distance"):
+        other = next(a for a in q.answers if a != q.correct_answer)
+        return "first" if q.question.index(q.correct_answer) < q.question.index(other) else "second"
+    return q.correct_answer
+
+
+def _assert_balanced(questions, tol=0.1):
+    n_options = len(questions[0].answers)
+    positions = Counter(q.answers.index(q.correct_answer) for q in questions)
+    labels = Counter(_gold_label(q) for q in questions)
+    n = len(questions)
+    # Always picking option k, or always answering label L, must score at chance (1 / n_options).
+    assert set(positions) == set(range(n_options))
+    assert max(positions.values()) / n <= 1 / n_options + tol, positions
+    assert max(labels.values()) / n <= 1 / n_options + tol, labels
+    assert min(labels.values()) / n >= 1 / len(labels) - tol, labels
+
+
+@pytest.mark.parametrize("qtype", syn.QUESTION_TYPES + (syn.MOTION_TYPE,))
+def test_sat_gold_position_and_label_are_balanced(qtype):
+    questions = [syn.make_question(random.Random(f"bal/{i}"), qtype) for i in range(N_PER_TYPE)]
+    _assert_balanced(questions)
+    if qtype in ("left_right", "above_below", "size", syn.MOTION_TYPE):
+        assert len(Counter(map(_gold_label, questions))) == 2
+
+
+@pytest.mark.parametrize("task", ["Count", "Relation", "Depth", "Distance"])
+def test_cvbench_gold_position_and_label_are_balanced(task):
+    questions = [syn.make_cvbench_question(random.Random(f"bal/{i}"), task) for i in range(N_PER_TYPE)]
+    if task == "Relation":  # two label pairs; balance within each axis
+        for pair in (("left", "right"), ("above", "below")):
+            _assert_balanced([q for q in questions if set(q.answers) == set(pair)], tol=0.12)
+    else:
+        _assert_balanced(questions)
+
+
+def test_question_types_are_spread_in_the_written_split():
+    cols = syn.sat_columns(120, "static", seed=0)
+    counts = Counter(cols["question_type"])
+    assert set(counts) == set(syn.QUESTION_TYPES)
+    assert min(counts.values()) >= 8  # about 20 each
