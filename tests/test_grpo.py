@@ -1,0 +1,545 @@
+"""Tests of visualthinker_ray.grpo against independent plain computations (Python loops, numpy)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from visualthinker_ray.grpo import (
+    AGG_MODES,
+    balance_by_tokens,
+    group_advantages,
+    kl_k3,
+    loss_denominator,
+    masked_mean,
+    policy_loss,
+    split_micro_batches,
+    token_entropy,
+    token_logprobs,
+)
+
+# --------------------------------------------------------------------------------------------------
+# Plain reference computations
+
+
+def plain_advantages(rewards: list[float], g: int, scale: bool, eps: float = 1e-4) -> tuple[list[float], int]:
+    out, zero_groups = [], 0
+    for start in range(0, len(rewards), g):
+        grp = rewards[start : start + g]
+        mean = sum(grp) / g
+        if len(set(grp)) == 1:
+            zero_groups += 1
+            out += [0.0] * g
+            continue
+        std = math.sqrt(sum((x - mean) ** 2 for x in grp) / (g - 1))  # unbiased
+        out += [(x - mean) / (std + eps) if scale else x - mean for x in grp]
+    return out, zero_groups
+
+
+def plain_token_stats(logits: np.ndarray, targets: np.ndarray, temperature: float):
+    """Log-prob of the target and entropy, token by token, in float64 numpy."""
+    b, t, _ = logits.shape
+    lp, ent = np.zeros((b, t)), np.zeros((b, t))
+    for i in range(b):
+        for j in range(t):
+            x = logits[i, j].astype(np.float64) / temperature
+            p = np.exp(x - x.max())
+            p /= p.sum()
+            lp[i, j] = math.log(p[targets[i, j]])
+            ent[i, j] = -sum(q * math.log(q) for q in p if q > 0)
+    return lp, ent
+
+
+def plain_policy_loss(logp, old, ref, adv, mask, beta, clip_low, clip_high, agg, norm_constant=None):
+    """Loss and metrics with Python loops and math.exp over nested lists."""
+    seq_totals, seq_counts = [], []
+    kls, ratios, clipped = [], [], []
+    for i in range(len(logp)):
+        tot = pg_tot = kl_tot = 0.0
+        n = 0
+        for j in range(len(logp[i])):
+            if not mask[i][j]:
+                continue
+            ratio = math.exp(logp[i][j] - old[i][j])
+            a = adv[i]
+            lo, hi = 1 - clip_low, 1 + clip_high
+            pg = -min(ratio * a, min(max(ratio, lo), hi) * a)
+            r = ref[i][j] - logp[i][j] if ref is not None else 0.0
+            kl = math.exp(r) - r - 1
+            tot += pg + beta * kl
+            pg_tot += pg
+            kl_tot += kl
+            n += 1
+            kls.append(kl)
+            ratios.append(ratio)
+            clipped.append((a > 0 and ratio > hi) or (a < 0 and ratio < lo))
+        seq_totals.append((tot, pg_tot, kl_tot))
+        seq_counts.append(n)
+
+    def aggregate(k):
+        if agg == "token_mean":
+            return sum(s[k] for s in seq_totals) / max(sum(seq_counts), 1)
+        per_seq = [
+            s[k] / (n if agg == "seq_mean_token_mean" else norm_constant)
+            for s, n in zip(seq_totals, seq_counts, strict=True)
+            if n > 0
+        ]
+        return sum(per_seq) / max(len(per_seq), 1)
+
+    metrics = {
+        "kl": sum(kls) / max(len(kls), 1),
+        "clip_frac": sum(clipped) / max(len(clipped), 1),
+        "ratio_mean": sum(ratios) / len(ratios) if ratios else 1.0,
+        "ratio_max": max(ratios, default=1.0),
+        "ratio_min": min(ratios, default=1.0),
+        "pg_loss": aggregate(1),
+        "kl_loss": beta * aggregate(2),
+        "adv_mean": float(np.mean(adv)),
+        "adv_std": float(np.std(adv)),
+        "adv_min": min(adv),
+        "adv_max": max(adv),
+    }
+    return aggregate(0), metrics
+
+
+def random_mask(b: int, t: int, empty_rows: int = 0) -> torch.Tensor:
+    """Right-padded completions of random lengths (>= 1), some holes, and `empty_rows` empty rows."""
+    lengths = torch.randint(1, t + 1, (b,))
+    mask = (torch.arange(t)[None, :] < lengths[:, None]).float()
+    mask[torch.rand(b, t) < 0.1] = 0.0
+    mask[:, 0] = 1.0
+    if empty_rows:
+        mask[torch.randperm(b)[:empty_rows]] = 0.0
+    return mask
+
+
+def random_inputs(b: int, t: int, dtype=torch.float64, spread: float = 0.3):
+    logp = (-torch.rand(b, t, dtype=dtype) * 3).requires_grad_(True)
+    old = logp.detach() + spread * torch.randn(b, t, dtype=dtype)
+    ref = logp.detach() + spread * torch.randn(b, t, dtype=dtype)
+    adv = torch.randn(b, dtype=dtype)
+    return logp, old, ref, adv
+
+
+# --------------------------------------------------------------------------------------------------
+# Advantages
+
+
+@pytest.mark.parametrize("scale_by_std", [True, False])
+@pytest.mark.parametrize("group_size", [2, 3, 8])
+def test_group_advantages_match_plain(scale_by_std, group_size):
+    torch.manual_seed(group_size)
+    num_prompts = 6
+    rewards = torch.randint(0, 3, (num_prompts * group_size,)).float() * 0.5 + torch.rand(
+        num_prompts * group_size
+    ) * (torch.rand(num_prompts * group_size) < 0.3)
+    rewards[:group_size] = 1.5  # a zero-std group
+    rewards[group_size : 2 * group_size] = 0.1  # another, with a value that is inexact in binary
+    res = group_advantages(rewards, group_size, scale_by_std=scale_by_std)
+    expected, zero_groups = plain_advantages(rewards.tolist(), group_size, scale_by_std)
+    assert res.advantages.dtype == torch.float32
+    assert res.num_groups == num_prompts
+    assert res.num_zero_std_groups == zero_groups >= 2
+    np.testing.assert_allclose(res.advantages.numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert torch.all(res.advantages[: 2 * group_size] == 0)  # exactly zero, not tiny
+
+
+def test_group_advantages_use_unbiased_std_and_eps():
+    res = group_advantages(torch.tensor([0.0, 2.0, 1.0, 1.0]), 2)
+    # group [0, 2]: mean 1, unbiased std sqrt(2); population std (1.0) would give +-1/(1 + 1e-4)
+    expected = 1 / (math.sqrt(2) + 1e-4)
+    np.testing.assert_allclose(res.advantages.numpy(), [-expected, expected, 0.0, 0.0], rtol=1e-6)
+    assert res.num_zero_std_groups == 1
+
+
+def test_group_advantages_group_size_one_is_all_zero():
+    res = group_advantages(torch.tensor([0.0, 1.0, 2.0]), 1)
+    assert torch.equal(res.advantages, torch.zeros(3))
+    assert (res.num_groups, res.num_zero_std_groups) == (3, 3)
+
+
+def test_group_advantages_shape_errors():
+    with pytest.raises(ValueError, match=r"10.*group_size=4"):
+        group_advantages(torch.zeros(10), 4)
+    with pytest.raises(ValueError, match="1-D"):
+        group_advantages(torch.zeros(2, 4), 4)
+    with pytest.raises(ValueError, match="NaN"):
+        group_advantages(torch.tensor([0.0, float("nan")]), 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Token log-probs and entropy
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 5), (2, 7, 11), (3, 5, 50)])
+@pytest.mark.parametrize("temperature", [1.0, 0.6, 1.7])
+@pytest.mark.parametrize("chunk_tokens", [None, 1, 3])
+def test_token_logprobs_and_entropy_match_plain(shape, temperature, chunk_tokens):
+    torch.manual_seed(sum(shape))
+    logits = torch.randn(shape) * 3
+    targets = torch.randint(0, shape[-1], shape[:2])
+    lp = token_logprobs(logits, targets, temperature, chunk_tokens=chunk_tokens)
+    ent = token_entropy(logits, temperature, chunk_tokens=chunk_tokens)
+    exp_lp, exp_ent = plain_token_stats(logits.numpy(), targets.numpy(), temperature)
+    assert lp.shape == ent.shape == shape[:2]
+    np.testing.assert_allclose(lp.numpy(), exp_lp, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ent.numpy(), exp_ent, rtol=1e-5, atol=1e-5)
+
+
+def test_token_logprobs_bf16_uses_float32_math():
+    torch.manual_seed(0)
+    logits = (torch.randn(2, 6, 1000) * 4).bfloat16()
+    targets = torch.randint(0, 1000, (2, 6))
+    lp = token_logprobs(logits, targets, 0.8)
+    ent = token_entropy(logits, 0.8)
+    assert lp.dtype == ent.dtype == torch.float32
+    # The reference uses the exact bf16 values upcast; bf16 arithmetic would be off by ~1e-2.
+    exp_lp, exp_ent = plain_token_stats(logits.float().numpy(), targets.numpy(), 0.8)
+    np.testing.assert_allclose(lp.numpy(), exp_lp, atol=1e-4)
+    np.testing.assert_allclose(ent.numpy(), exp_ent, atol=1e-4)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_gradient(temperature):
+    torch.manual_seed(1)
+    x = torch.randn(2, 6, 9, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 9, (2, 6))
+    # Non-contiguous input (the usual logits[:, :-1] shift) and chunks that split rows.
+    assert torch.autograd.gradcheck(
+        lambda z: token_logprobs(z[:, :-1], targets[:, :-1], temperature, chunk_tokens=2), (x,)
+    )
+    w = torch.randn(2, 5, dtype=torch.float64)
+    (token_logprobs(x[:, :-1], targets[:, :-1], temperature) * w).sum().backward()
+    ours = x.grad.clone()
+    x.grad = None
+    naive = torch.log_softmax(x[:, :-1] / temperature, -1).gather(-1, targets[:, :-1, None]).squeeze(-1)
+    (naive * w).sum().backward()
+    torch.testing.assert_close(ours, x.grad)
+
+
+def test_token_logprobs_bf16_gradient_and_saved_memory():
+    torch.manual_seed(2)
+    b, t, v = 2, 6, 500
+    x = (torch.randn(b, t, v) * 2).bfloat16().requires_grad_(True)
+    targets = torch.randint(0, v, (b, t))
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append(s) or s, lambda s: s):
+        lp = token_logprobs(x, targets)
+    # Only the input logits may be saved at full [B, T, V] size: no float32 copy kept for backward.
+    assert all(s.numel() < b * t * v or s.dtype == torch.bfloat16 for s in saved)
+    lp.sum().backward()
+    assert x.grad.dtype == torch.bfloat16
+    x32 = x.detach().float().requires_grad_(True)
+    torch.log_softmax(x32, -1).gather(-1, targets[..., None]).sum().backward()
+    torch.testing.assert_close(x.grad.float(), x32.grad, atol=1e-2, rtol=1e-2)
+
+
+def test_token_functions_reject_bad_arguments():
+    logits = torch.zeros(1, 2, 3)
+    targets = torch.zeros(1, 2, dtype=torch.long)
+    for temperature in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            token_logprobs(logits, targets, temperature)
+        with pytest.raises(ValueError, match="temperature"):
+            token_entropy(logits, temperature)
+    with pytest.raises(ValueError, match="target ids"):
+        token_logprobs(logits, torch.full((1, 2), 3))
+    with pytest.raises(ValueError, match="shape"):
+        token_logprobs(logits, torch.zeros(1, 3, dtype=torch.long))
+
+
+# --------------------------------------------------------------------------------------------------
+# masked_mean and KL
+
+
+def test_masked_mean_matches_loops_and_handles_empty():
+    torch.manual_seed(3)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    mask = random_mask(4, 6, empty_rows=1)
+    x[mask == 0] = float("nan")  # padding garbage must not leak
+    vals = [(x[i, j].item(), mask[i, j].item()) for i in range(4) for j in range(6)]
+    valid = [v for v, m in vals if m]
+    assert masked_mean(x, mask).item() == pytest.approx(sum(valid) / len(valid))
+    rows = masked_mean(x, mask, dim=1)
+    for i in range(4):
+        row = [x[i, j].item() for j in range(6) if mask[i, j]]
+        assert rows[i].item() == pytest.approx(sum(row) / len(row) if row else 0.0)
+    assert masked_mean(x, torch.zeros(4, 6)).item() == 0.0
+
+
+def test_kl_k3_matches_formula_is_nonnegative_and_zero_at_ref():
+    torch.manual_seed(4)
+    logp = -torch.rand(5, 7) * 4
+    ref = logp + torch.randn(5, 7) * torch.logspace(-9, 0, 7)  # tiny to large differences
+    kl = kl_k3(logp, ref)
+    for i, j in itertools.product(range(5), range(7)):
+        r = ref[i, j].item() - logp[i, j].item()
+        assert kl[i, j].item() == pytest.approx(math.exp(r) - r - 1, rel=1e-4, abs=1e-7)
+    assert bool((kl >= 0).all())
+    assert torch.equal(kl_k3(logp, logp), torch.zeros_like(logp))
+    # float32 near r = 0: exp(r) - r - 1 rounds below zero for some r; the estimator must not.
+    logp = -torch.rand(2001) * 3
+    assert bool((kl_k3(logp, logp + torch.linspace(-1e-6, 1e-6, 2001)) >= 0).all())
+
+
+# --------------------------------------------------------------------------------------------------
+# Policy loss
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (8, 17)])
+def test_policy_loss_matches_plain(agg, shape):
+    torch.manual_seed(shape[0] * 100 + shape[1])
+    b, t = shape
+    logp, old, ref, adv = random_inputs(b, t)
+    mask = random_mask(b, t, empty_rows=1 if b > 2 else 0)
+    kwargs = dict(beta=0.04, clip_low=0.2, clip_high=0.28, agg=agg, norm_constant=21.0)
+    loss, metrics = policy_loss(logp, old, ref, adv, mask, **kwargs)
+    exp_loss, exp_metrics = plain_policy_loss(
+        logp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(), **kwargs
+    )
+    assert loss.item() == pytest.approx(exp_loss, rel=1e-9, abs=1e-12)
+    assert metrics.keys() == exp_metrics.keys()
+    for name, value in exp_metrics.items():
+        assert isinstance(metrics[name], float)
+        assert metrics[name] == pytest.approx(value, rel=1e-9, abs=1e-12), name
+
+
+def test_aggregation_modes_differ_as_documented():
+    # One long and one short sequence with per-token losses 1 and 3.
+    logp = torch.zeros(2, 4, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]])
+    adv = torch.tensor([-1.0, -3.0], dtype=torch.float64)  # ratio 1: per-token loss = -A
+    losses = {
+        agg: policy_loss(logp, logp, None, adv, mask, beta=0.0, agg=agg, norm_constant=8)[0].item()
+        for agg in AGG_MODES
+    }
+    assert losses["seq_mean_token_mean"] == pytest.approx((1 + 3) / 2)
+    assert losses["token_mean"] == pytest.approx((4 * 1 + 3) / 5)
+    assert losses["seq_mean_token_sum_norm"] == pytest.approx((4 / 8 + 3 / 8) / 2)
+
+
+def test_policy_loss_rejects_bad_modes():
+    logp = torch.zeros(2, 3)
+    args = (logp, logp, None, torch.zeros(2), torch.ones(2, 3))
+    with pytest.raises(ValueError) as err:
+        policy_loss(*args, beta=0.0, agg="seq_sum")
+    assert all(mode in str(err.value) for mode in AGG_MODES)
+    with pytest.raises(ValueError, match="norm_constant"):
+        policy_loss(*args, beta=0.0, agg="seq_mean_token_sum_norm")
+    with pytest.raises(ValueError, match="ref_logp"):
+        policy_loss(*args, beta=0.04)
+    with pytest.raises(ValueError, match="advantages"):
+        policy_loss(logp, logp, None, torch.zeros(3), torch.ones(2, 3), beta=0.0)
+
+
+def test_clipping_selects_tokens_and_blocks_their_gradient():
+    ratios = [0.5, 0.79, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0]
+    old = torch.full((2, len(ratios)), -1.0, dtype=torch.float64)
+    logp = (old + torch.log(torch.tensor(ratios, dtype=torch.float64))).requires_grad_(True)
+    adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    mask = torch.ones(2, len(ratios))
+    loss, metrics = policy_loss(logp, old, None, adv, mask, beta=0.0, clip_low=0.2, clip_high=0.28)
+    loss.backward()
+    # A > 0 is clipped only above 1 + clip_high, A < 0 only below 1 - clip_low (PPO's pessimistic bound;
+    # the asymmetric range is DAPO's clip-higher: 1.25 stays unclipped with clip_high 0.28).
+    expect_clipped = [[r > 1.28 for r in ratios], [r < 0.8 for r in ratios]]
+    assert metrics["clip_frac"] == pytest.approx(4 / 16)
+    n = len(ratios)
+    for i, j in itertools.product(range(2), range(n)):
+        grad = logp.grad[i, j].item()
+        if expect_clipped[i][j]:
+            assert grad == 0.0, (i, ratios[j])
+        else:  # d/dlogp of -ratio * A, averaged over n tokens and 2 sequences
+            assert grad == pytest.approx(-ratios[j] * adv[i].item() / (n * 2)), (i, ratios[j])
+    # Symmetric clipping (0.2) does clip ratio 1.25 for A > 0.
+    _, sym = policy_loss(logp, old, None, adv, mask, beta=0.0, clip_low=0.2, clip_high=0.2)
+    assert sym["clip_frac"] == pytest.approx(5 / 16)
+
+
+def test_ratio_metrics_ignore_padding():
+    mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]])
+    old = torch.zeros(2, 4, dtype=torch.float64)
+    for valid_ratios, padding in (([1.1, 1.3, 1.2], 0.5), ([0.7, 0.9, 0.8], 5.0)):
+        ratios = torch.full((2, 4), padding, dtype=torch.float64)
+        ratios[mask == 1] = torch.tensor(valid_ratios, dtype=torch.float64)
+        _, metrics = policy_loss(torch.log(ratios), old, None, torch.ones(2), mask, beta=0.0)
+        assert metrics["ratio_max"] == pytest.approx(max(valid_ratios))
+        assert metrics["ratio_min"] == pytest.approx(min(valid_ratios))
+        assert metrics["ratio_mean"] == pytest.approx(sum(valid_ratios) / 3)
+
+
+def test_kl_term_nonnegative_and_zero_when_ref_equals_policy():
+    torch.manual_seed(5)
+    logp, old, ref, _ = random_inputs(4, 9, spread=1.0)
+    mask = random_mask(4, 9)
+    zero_adv = torch.zeros(4, dtype=torch.float64)
+    for agg in AGG_MODES:
+        loss, metrics = policy_loss(logp, old, ref, zero_adv, mask, beta=1.0, agg=agg, norm_constant=9)
+        assert loss.item() > 0 and metrics["kl"] > 0 and metrics["kl_loss"] == pytest.approx(loss.item())
+    logp.grad = None
+    loss, metrics = policy_loss(logp, old, logp.detach(), zero_adv, mask, beta=1.0)
+    loss.backward()
+    assert loss.item() == 0.0 and metrics["kl"] == 0.0
+    assert torch.equal(logp.grad, torch.zeros_like(logp))
+
+
+def test_beta_zero_ignores_ref():
+    torch.manual_seed(6)
+    logp, old, ref, adv = random_inputs(3, 6)
+    mask = random_mask(3, 6)
+    results = []
+    for r in (None, ref, torch.full_like(ref, float("nan"))):
+        logp.grad = None
+        loss, _ = policy_loss(logp, old, r, adv, mask, beta=0.0)
+        loss.backward()
+        results.append((loss.detach(), logp.grad.clone()))
+    for loss, grad in results[1:]:
+        assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
+    assert torch.isfinite(results[0][0])
+    # ...while beta > 0 does use it.
+    assert policy_loss(logp, old, ref, adv, mask, beta=0.5)[0].item() != pytest.approx(results[0][0].item())
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (4, 7), (16, 30)])
+def test_on_policy_loss_equals_recipe_loss(shape):
+    """One update per rollout: value and gradient equal RECIPE.md's reference loss."""
+    torch.manual_seed(shape[1])
+    b, t = shape
+    beta = 0.04
+    logp, _, ref, adv = random_inputs(b, t)
+    mask = random_mask(b, t)  # every row non-empty, as in the reference (it divides by the length)
+    ours, _ = policy_loss(logp, logp.detach(), ref, adv, mask, beta=beta)
+    (g_ours,) = torch.autograd.grad(ours, logp)
+
+    kl = torch.exp(ref - logp) - (ref - logp) - 1
+    per_token = -(torch.exp(logp - logp.detach()) * adv[:, None] - beta * kl)
+    recipe = ((per_token * mask).sum(dim=1) / mask.sum(dim=1)).mean()
+    (g_recipe,) = torch.autograd.grad(recipe, logp)
+
+    torch.testing.assert_close(ours, recipe, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_ours, g_recipe, rtol=1e-10, atol=1e-12)
+    assert g_ours.abs().sum() > 0
+    # old_logp is a constant even if the caller forgets to detach it.
+    (g_undetached,) = torch.autograd.grad(policy_loss(logp, logp, ref, adv, mask, beta=beta)[0], logp)
+    torch.testing.assert_close(g_undetached, g_recipe, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_empty_sequences_give_no_nan_and_are_not_counted(agg):
+    torch.manual_seed(7)
+    logp, old, ref, adv = random_inputs(5, 6)
+    mask = random_mask(5, 6)
+    mask[[1, 3]] = 0.0
+    with torch.no_grad():  # padding garbage in every input
+        for x in (logp, old, ref):
+            x[mask == 0] = float("-inf")
+    kwargs = dict(beta=0.04, agg=agg, norm_constant=6)
+    loss, metrics = policy_loss(logp, old, ref, adv, mask, **kwargs)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
+    assert all(math.isfinite(v) for v in metrics.values())
+    keep = [0, 2, 4]
+    sub, _ = policy_loss(logp[keep], old[keep], ref[keep], adv[keep], mask[keep], **kwargs)
+    assert loss.item() == pytest.approx(sub.item(), rel=1e-12)
+
+    logp.grad = None
+    empty, metrics = policy_loss(logp, old, ref, adv, torch.zeros_like(mask), **kwargs)
+    empty.backward()  # still connected to the graph, so every learner rank can run backward
+    assert empty.item() == 0.0 and torch.equal(logp.grad, torch.zeros_like(logp))
+    assert metrics["clip_frac"] == 0.0 and metrics["ratio_mean"] == 1.0
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_global_denominator_makes_micro_batches_add_up(agg):
+    torch.manual_seed(8)
+    logp, old, ref, adv = random_inputs(7, 10)
+    mask = random_mask(7, 10, empty_rows=1)
+    kwargs = dict(beta=0.04, agg=agg, norm_constant=10)
+    full, _ = policy_loss(logp, old, ref, adv, mask, **kwargs)
+    (g_full,) = torch.autograd.grad(full, logp)
+    denom = loss_denominator(mask, agg)
+    total = sum(
+        policy_loss(logp[s], old[s], ref[s], adv[s], mask[s], global_denominator=denom, **kwargs)[0]
+        for s in (slice(0, 2), slice(2, 3), slice(3, 7))
+    )
+    (g_total,) = torch.autograd.grad(total, logp)
+    torch.testing.assert_close(total, full)
+    torch.testing.assert_close(g_total, g_full)
+
+
+# --------------------------------------------------------------------------------------------------
+# Batch splitting
+
+lengths_st = st.lists(st.integers(min_value=0, max_value=300), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(lengths=lengths_st, budget=st.integers(min_value=1, max_value=1500))
+def test_split_micro_batches_invariants(lengths, budget):
+    batches = split_micro_batches(lengths, budget)
+    assert [i for b in batches for i in b] == list(range(len(lengths)))  # every index once, in order
+    for b in batches:
+        assert b
+        padded = max(lengths[i] for i in b) * len(b)
+        assert padded <= budget or len(b) == 1
+    for cur, nxt in itertools.pairwise(batches):  # greedy: the next sequence did not fit
+        grown = cur + [nxt[0]]
+        assert max(lengths[i] for i in grown) * len(grown) > budget
+
+
+def test_split_micro_batches_example():
+    assert split_micro_batches([3, 3, 5, 12, 1, 1, 1], token_budget=10) == [[0, 1], [2], [3], [4, 5, 6]]
+    assert split_micro_batches([5, 4, 5, 1], token_budget=10) == [[0, 1], [2, 3]]  # the budget is inclusive
+    assert split_micro_batches([], token_budget=10) == []
+    with pytest.raises(ValueError):
+        split_micro_batches([1], 0)
+
+
+def _loads(ranks, lengths):
+    return [sum(lengths[i] for i in r) for r in ranks]
+
+
+@settings(max_examples=300, deadline=None)
+@given(lengths=lengths_st, num_ranks=st.integers(min_value=1, max_value=8))
+def test_balance_by_tokens_invariants(lengths, num_ranks):
+    ranks = balance_by_tokens(lengths, num_ranks)
+    assert len(ranks) == num_ranks
+    assert sorted(i for r in ranks for i in r) == list(range(len(lengths)))
+    assert all(r == sorted(r) for r in ranks)
+    if len(lengths) >= num_ranks:
+        assert all(ranks)
+    if lengths:
+        loads, biggest = _loads(ranks, lengths), max(lengths)
+        assert max(loads) - min(loads) <= biggest
+        assert max(loads) <= sum(lengths) / num_ranks + biggest  # <= optimum + largest item
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    lengths=st.lists(st.integers(min_value=0, max_value=50), min_size=1, max_size=6),
+    num_ranks=st.integers(min_value=1, max_value=3),
+)
+def test_balance_by_tokens_close_to_brute_force_optimum(lengths, num_ranks):
+    best = min(
+        max(sum(n for n, r in zip(lengths, assign, strict=True) if r == k) for k in range(num_ranks))
+        for assign in itertools.product(range(num_ranks), repeat=len(lengths))
+    )
+    worst = max(_loads(balance_by_tokens(lengths, num_ranks), lengths))
+    assert worst <= best + max(lengths)
+    assert worst <= 4 / 3 * best + 1e-9  # Graham's bound for longest-first
+
+
+def test_balance_by_tokens_zero_lengths_and_errors():
+    assert balance_by_tokens([0, 0, 0, 0], 2) == [[0, 2], [1, 3]]
+    assert balance_by_tokens([5], 3) == [[0], [], []]
+    with pytest.raises(ValueError):
+        balance_by_tokens([1], 0)
+    with pytest.raises(ValueError):
+        balance_by_tokens([-1], 1)
