@@ -1,0 +1,64 @@
+"""The generation-engine contract shared by the vLLM and HF engines.
+
+A completion's `logprobs` are log p(token) under the distribution actually sampled from:
+log_softmax(logits / temperature) with the vision special tokens masked out (top-p truncation is
+not reflected). The learner computes the same quantity, so the two can be compared token by token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+from visualthinker_ray.data.records import PromptRecord
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    n: int = 1  # completions per prompt (G)
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class Completion:
+    prompt_id: str
+    sample_index: int  # 0..n-1 within its prompt's group
+    prompt_token_ids: list[int]  # as the engine tokenized the prompt, image placeholders expanded
+    token_ids: list[int]  # the completion's tokens (EOS included when it stopped on EOS)
+    text: str
+    logprobs: list[float]  # one per completion token, see the module docstring
+    finish_reason: str  # "stop" or "length"
+    policy_version: int
+    meta: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Engine(Protocol):
+    policy_version: int
+
+    def generate(self, records: list[PromptRecord], sampling: SamplingSpec) -> list[Completion]:
+        """`sampling.n` completions per record, a record's completions contiguous, records in order."""
+        ...
+
+
+def make_engine(kind: str, model_path: str, **kwargs) -> Engine:
+    """The engine named in the config: 'vllm' (needs vLLM installed) or 'hf'."""
+    if kind == "vllm":
+        from visualthinker_ray.rollout.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model_path, **kwargs)
+    if kind == "hf":
+        from visualthinker_ray.rollout.hf_engine import HFEngine
+
+        return HFEngine(model_path, **kwargs)
+    raise ValueError(f"unknown rollout engine {kind!r}; use 'vllm' or 'hf'")
