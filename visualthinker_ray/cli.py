@@ -1,0 +1,124 @@
+"""`python -m visualthinker_ray <command>`: the project's command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+log = logging.getLogger("visualthinker_ray")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (default: the embedded tiny CPU job)")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. algorithm.beta=0.0"
+    )
+
+
+def cmd_make_tiny_model(args) -> int:
+    from visualthinker_ray.models import make_tiny_model
+
+    t0 = time.time()
+    out = make_tiny_model(
+        args.out,
+        seed=args.seed,
+        min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
+        hidden_size=args.hidden_size,
+    )
+    size_mb = sum(f.stat().st_size for f in out.iterdir()) / 2**20
+    print(f"tiny Qwen2-VL written to {out} ({size_mb:.1f} MB, {time.time() - t0:.1f} s, seed {args.seed})")
+    return 0
+
+
+def cmd_make_synthetic(args) -> int:
+    from visualthinker_ray.data.synthetic import make_synthetic
+
+    make_synthetic(args.out, n_train=args.train, n_test=args.test, seed=args.seed, image_size=args.image_size)
+    return 0
+
+
+def cmd_show_config(args) -> int:
+    from visualthinker_ray.config import dump_config, load_config
+
+    print(dump_config(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from visualthinker_ray.config import load_config
+    from visualthinker_ray.generate_pass import run_generation_pass
+
+    cfg = load_config(args.config, args.overrides)
+    run_generation_pass(cfg, num_prompts=args.prompts, show_samples=args.samples)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="visualthinker-ray",
+        description="GRPO post-training of Qwen2-VL (VisualThinker-R1-Zero) as a Ray application.",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging, and vLLM's own INFO logs"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("make-tiny-model", help="write a tiny random Qwen2-VL in HF format (CPU tests, demos)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-pixels", type=int, default=28 * 28 * 4)
+    p.add_argument("--max-pixels", type=int, default=28 * 28 * 16)
+    p.add_argument("--hidden-size", type=int, default=128, help="a multiple of 64")
+    p.set_defaults(func=cmd_make_tiny_model)
+
+    p = sub.add_parser("make-synthetic", help="render synthetic SAT- and CV-Bench-format parquet data")
+    p.add_argument("--out", required=True, help="output folder (gets SAT/ and CV-Bench/)")
+    p.add_argument("--train", type=int, default=512, help="SAT train rows")
+    p.add_argument("--test", type=int, default=128, help="CV-Bench rows (and SAT val/test rows)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=112, help="square image side in pixels")
+    p.set_defaults(func=cmd_make_synthetic)
+
+    p = sub.add_parser("generate", help="a graded generation pass over training prompts, printed as a table")
+    _add_config_args(p)
+    p.add_argument(
+        "--prompts", type=int, default=16, help="how many prompts (each gets algorithm.group_size)"
+    )
+    p.add_argument("--samples", type=int, default=2, help="how many completions to print in full")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("show-config", help="print the resolved config (defaults + file + overrides)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_show_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if not args.verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        for noisy in ("httpx", "datasets", "filelock"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    from visualthinker_ray.config import ConfigError
+
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        # Expected user errors: the message says what to fix; no traceback unless --verbose.
+        if args.verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
