@@ -543,3 +543,17 @@ def test_balance_by_tokens_zero_lengths_and_errors():
         balance_by_tokens([1], 0)
     with pytest.raises(ValueError):
         balance_by_tokens([-1], 1)
+
+
+def test_entropy_ignores_masked_tokens():
+    """A -inf (banned) logit has probability 0: entropy equals that of the remaining tokens."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 6, dtype=torch.float64)
+    masked = logits.clone()
+    masked[..., [1, 4]] = float("-inf")
+    kept = logits[..., [0, 2, 3, 5]]
+    p = torch.softmax(kept / 0.7, dim=-1)
+    expected = -(p * torch.log(p)).sum(-1)
+    got = token_entropy(masked, 0.7)
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, expected, atol=1e-12)

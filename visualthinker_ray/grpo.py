@@ -183,7 +183,8 @@ def token_entropy(logits: Tensor, temperature: float = 1.0, *, chunk_tokens: int
     """Entropy [B, T] of softmax(logits / temperature), float32 or float64, chunked as token_logprobs.
 
     Meant for logging under torch.no_grad(); it is differentiable, but then autograd keeps every
-    chunk's float32 temporaries. Logits must be finite.
+    chunk's float32 temporaries. Logits may be -inf for masked (banned) tokens, which then add
+    nothing; at least one logit per position must be finite.
     """
     _check_logits(logits, temperature)
     chunk = _chunk_len(logits.shape[-1], chunk_tokens)
@@ -194,7 +195,9 @@ def token_entropy(logits: Tensor, temperature: float = 1.0, *, chunk_tokens: int
         lse = torch.logsumexp(x, dim=-1, keepdim=True)
         p = torch.exp(x - lse)
         # H = -sum p log p = lse - sum p x, since log p = x - lse and sum p = 1.
-        parts.append(lse.squeeze(-1) - (p * x).sum(dim=-1))
+        # Masked tokens (x = -inf, p = 0) contribute 0, not 0 * -inf = NaN.
+        px = torch.where(p > 0, p * x, torch.zeros_like(x))
+        parts.append(lse.squeeze(-1) - px.sum(dim=-1))
     if not parts:
         return torch.zeros(logits.shape[:2], dtype=dtype, device=logits.device)
     return torch.cat(parts).view(logits.shape[:2])
