@@ -77,13 +77,18 @@ def build_batch(
 
 
 def completion_logprobs(
-    model, batch: dict[str, torch.Tensor], temperature: float = 1.0, banned_ids: list[int] | None = None
-) -> torch.Tensor:
+    model,
+    batch: dict[str, torch.Tensor],
+    temperature: float = 1.0,
+    banned_ids: list[int] | None = None,
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log_softmax(masked logits / T) at each next token: [B, L-1], meaningful where completion_mask is 1.
 
     The same quantity the engines report (rollout/engine.py), so ratios and mismatch are well defined.
+    With `with_entropy`, also the per-token entropy of that distribution (no grad; for metrics).
     """
-    from visualthinker_ray.grpo import token_logprobs
+    from visualthinker_ray.grpo import token_entropy, token_logprobs
 
     inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
     logits = model(**inputs, use_cache=False).logits[:, :-1]
@@ -91,4 +96,9 @@ def completion_logprobs(
         ban = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
         ban[banned_ids] = True
         logits = logits.masked_fill(ban, float("-inf"))
-    return token_logprobs(logits, batch["input_ids"][:, 1:], temperature)
+    logp = token_logprobs(logits, batch["input_ids"][:, 1:], temperature)
+    if not with_entropy:
+        return logp
+    with torch.no_grad():
+        entropy = token_entropy(logits.detach(), temperature)
+    return logp, entropy

@@ -1,0 +1,144 @@
+"""The learner group on the CPU: real Ray actors, FSDP2 over gloo, the real tiny Qwen2-VL."""
+
+import random
+
+import pytest
+import ray
+import torch
+
+from visualthinker_ray.config import load_config
+from visualthinker_ray.data.sat import load_sat
+from visualthinker_ray.learner.group import LearnerGroup
+from visualthinker_ray.models import VISION_SPECIAL_TOKENS, load_processor
+from visualthinker_ray.sequences import encode_prompt
+
+G = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def items(tiny_model_dir, synthetic_dir):
+    """G completions for each of 3 prompts: random non-special tokens of varied lengths."""
+    records = load_sat(str(synthetic_dir / "SAT"), split="train", seed=0).records[:3]
+    cfg = load_config()
+    proc = load_processor(tiny_model_dir, cfg.model.min_pixels, cfg.model.max_pixels)
+    banned = {proc.tokenizer.convert_tokens_to_ids(t) for t in VISION_SPECIAL_TOKENS}
+    vocab = [i for i in range(len(proc.tokenizer)) if i not in banned]
+    rng = random.Random(0)
+    out = []
+    for rec in records:
+        rec_dict = rec.to_dict()
+        prompt_len = len(encode_prompt(proc, rec, cfg.model.min_pixels, cfg.model.max_pixels).input_ids)
+        for _ in range(G):
+            out.append(
+                {
+                    "record": rec_dict,
+                    "token_ids": [rng.choice(vocab) for _ in range(rng.randint(3, 10))],
+                    "advantage": 0.0,
+                    "prompt_len": prompt_len,
+                }
+            )
+    return out
+
+
+def with_advantages(items, advantages):
+    return [dict(it, advantage=float(a)) for it, a in zip(items, advantages, strict=True)]
+
+
+def make_group(tiny_model_dir, *overrides, total_steps=10):
+    cfg = load_config(
+        None,
+        [
+            f"model.path={tiny_model_dir}",
+            "learner.lr=1e-3",
+            "learner.lr_schedule=constant",
+            "learner.micro_batch_tokens=256",
+            "resources.collective_timeout_s=120",
+            *overrides,
+        ],
+    )
+    return LearnerGroup(cfg, total_optimizer_steps=total_steps)
+
+
+def changed(before, after):
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def test_two_ranks_and_one_rank_give_the_same_update(tiny_model_dir, items):
+    adv = [1.0, -1.0, 0.5, -0.5] * 3
+    batch = with_advantages(items, adv)
+    results = {}
+    for world in (1, 2):
+        group = make_group(tiny_model_dir, f"learner.num_workers={world}", "algorithm.beta=0.04")
+        before = group.full_state_dict()
+        metrics = group.train_step(batch)
+        results[world] = (before, group.full_state_dict(), metrics)
+        group.shutdown()
+    (b1, a1, m1), (b2, a2, m2) = results[1], results[2]
+    assert all(torch.equal(b1[k], b2[k]) for k in b1)  # same start
+    assert changed(b1, a1), "the update changed nothing"
+    worst = max((a1[k] - a2[k]).abs().max().item() for k in a1)
+    step = max((a1[k] - b1[k]).abs().max().item() for k in a1)
+    assert worst < 1e-5 * max(1.0, step / 1e-3), f"1 vs 2 ranks differ by {worst:.2e} (step size {step:.2e})"
+    assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-4)
+    assert m2["sequences"] == len(batch)
+
+
+def test_advantage_sign_moves_log_probability(tiny_model_dir, items):
+    group = make_group(tiny_model_dir, "learner.num_workers=2", "algorithm.beta=0.0", "learner.lr=3e-3")
+    # One positive and one negative completion per prompt; the rest zero.
+    adv = [1.0, -1.0, 0.0, 0.0] * 3
+    batch = with_advantages(items, adv)
+    before = group.compute_logprobs(batch)
+    group.train_step(batch)
+    after = group.compute_logprobs(batch)
+    group.shutdown()
+    for i, a in enumerate(adv):
+        delta = sum(after[i]) - sum(before[i])
+        if a > 0:
+            assert delta > 0, f"item {i}: positive advantage lost log-prob ({delta:.4f})"
+        elif a < 0:
+            assert delta < 0, f"item {i}: negative advantage gained log-prob ({delta:.4f})"
+
+
+def test_zero_advantage_without_kl_leaves_weights_unchanged(tiny_model_dir, items):
+    group = make_group(tiny_model_dir, "algorithm.beta=0.0")
+    before = group.full_state_dict()
+    metrics = group.train_step(with_advantages(items, [0.0] * len(items)))
+    after = group.full_state_dict()
+    group.shutdown()
+    assert metrics["grad_norm"] == 0.0
+    assert not changed(before, after)
+
+
+def test_frozen_vision_and_reference_never_change(tiny_model_dir, items):
+    group = make_group(
+        tiny_model_dir, "learner.num_workers=2", "model.freeze_vision=true", "algorithm.beta=0.1"
+    )
+    before = group.full_state_dict()
+    ref_before = group.full_state_dict(reference=True)
+    for step in range(3):
+        group.train_step(with_advantages(items, [(-1.0) ** (i + step) for i in range(len(items))]))
+    after = group.full_state_dict()
+    ref_after = group.full_state_dict(reference=True)
+    group.shutdown()
+    moved = changed(before, after)
+    vision = {k for k in before if k.startswith("model.visual.")}
+    assert vision, "no vision parameters found"
+    assert not moved & vision, f"frozen vision parameters changed: {sorted(moved & vision)[:3]}"
+    assert moved, "the language model did not train"
+    assert not changed(ref_before, ref_after), "the reference model changed"
+    assert all(torch.equal(before[k], ref_before[k]) for k in before)  # the reference is the initial policy
+
+
+def test_no_reference_model_when_beta_is_zero(tiny_model_dir, items):
+    group = make_group(tiny_model_dir, "algorithm.beta=0.0")
+    with pytest.raises(RuntimeError, match="no reference model"):
+        group.compute_logprobs(items[:2], use_reference=True)
+    group.shutdown()

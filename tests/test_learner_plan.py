@@ -1,0 +1,83 @@
+"""Pure parts of the learner: batch planning across ranks, metric reduction, LR schedules."""
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from visualthinker_ray.learner.group import PAD, plan_batch, reduce_metrics
+from visualthinker_ray.learner.schedule import lr_factor
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    data=st.data(),
+    ranks=st.integers(1, 4),
+    minis=st.integers(1, 3),
+    budget=st.integers(20, 400),
+    agg=st.sampled_from(["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"]),
+)
+def test_plan_covers_every_item_once_and_keeps_ranks_in_lockstep(data, ranks, minis, budget, agg):
+    n = data.draw(st.integers(ranks * minis, 40))
+    prompt = data.draw(st.lists(st.integers(1, 100), min_size=n, max_size=n))
+    comp = data.draw(st.lists(st.integers(0, 100), min_size=n, max_size=n))
+    plans, denoms = plan_batch(prompt, comp, ranks, minis, budget, agg)
+    seen = []
+    for p in plans:
+        assert p.items == sorted(p.items)
+        for m, mini in enumerate(p.mini_batches):
+            # every rank makes the same number of forward/backward passes in each optimizer step
+            assert len(mini) == len(plans[0].mini_batches[m])
+            for mb in mini:
+                if mb == [PAD]:
+                    continue
+                seen.extend(p.items[i] for i in mb)
+                tokens = [prompt[p.items[i]] + comp[p.items[i]] for i in mb]
+                assert len(mb) == 1 or max(tokens) * len(mb) <= budget
+    assert sorted(seen) == list(range(n))
+    # mini-batches are contiguous slices; the denominator is computed over the whole slice
+    bounds = [round(m * n / minis) for m in range(minis + 1)]
+    for m in range(minis):
+        ids = range(bounds[m], bounds[m + 1])
+        expected = sum(comp[i] for i in ids) if agg == "token_mean" else sum(comp[i] > 0 for i in ids)
+        assert denoms[m] == max(1.0, float(expected))
+
+
+def test_plan_balances_tokens_across_ranks():
+    prompt = [50] * 8
+    comp = [100, 10, 90, 20, 80, 30, 70, 40]
+    plans, _ = plan_batch(prompt, comp, 2, 1, 10_000, "seq_mean_token_mean")
+    loads = [sum(prompt[i] + comp[i] for i in p.items) for p in plans]
+    assert abs(loads[0] - loads[1]) <= max(comp)
+
+
+def test_plan_rejects_too_few_sequences():
+    with pytest.raises(ValueError, match="cannot fill 2 mini-batch"):
+        plan_batch([1, 1, 1], [1, 1, 1], 2, 2, 100, "token_mean")
+
+
+def test_reduce_metrics_weights_by_sequences():
+    out = reduce_metrics(
+        [
+            {"kl": 1.0, "sequences": 1.0, "tokens": 10, "step_s": 2.0, "grad_norm": 0.5, "lr": 1e-3},
+            {"kl": 4.0, "sequences": 3.0, "tokens": 30, "step_s": 3.0, "grad_norm": 0.5, "lr": 1e-3},
+        ]
+    )
+    assert out["kl"] == pytest.approx((1.0 * 1 + 4.0 * 3) / 4)
+    assert out["tokens"] == 40 and out["sequences"] == 4.0
+    assert out["step_s"] == 3.0 and out["grad_norm"] == 0.5
+
+
+@pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
+def test_lr_schedules(kind):
+    total, warm = 20, 4
+    f = [lr_factor(s, total, warm, kind) for s in range(total + 1)]
+    assert f[:warm] == pytest.approx([(s + 1) / (warm + 1) for s in range(warm)])
+    assert f[warm] == 1.0
+    for s in range(warm, total + 1):
+        p = (s - warm) / (total - warm)
+        expected = {"constant": 1.0, "linear": 1 - p, "cosine": 0.5 * (1 + math.cos(math.pi * p))}[kind]
+        assert f[s] == pytest.approx(expected)
+    with pytest.raises(ValueError, match="unknown lr schedule"):
+        lr_factor(0, 10, 0, "step")

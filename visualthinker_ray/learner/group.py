@@ -1,0 +1,206 @@
+"""LearnerGroup: places the learner ranks, splits each batch across them, reduces their metrics.
+
+A batch item is a plain dict: {"record": PromptRecord dict, "token_ids": completion ids,
+"advantage": float, "prompt_len": int}. The same record dict object may appear in the G items of
+its prompt: pickling stores it (and its image bytes) once per call.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from visualthinker_ray.config import Config
+from visualthinker_ray.grpo import balance_by_tokens, split_micro_batches
+
+log = logging.getLogger(__name__)
+
+PAD = -1  # a padding micro-batch: run with zero weight so every rank makes the same FSDP calls
+
+
+@dataclass
+class RankPlan:
+    items: list[int]  # global item indices this rank holds, ascending
+    mini_batches: list[list[list[int]]]  # per optimizer step: micro-batches of LOCAL indices (or [PAD])
+
+
+def plan_batch(
+    prompt_lens: list[int],
+    completion_lens: list[int],
+    num_ranks: int,
+    num_mini_batches: int,
+    token_budget: int,
+    agg: str,
+) -> tuple[list[RankPlan], list[float]]:
+    """Split a batch into optimizer steps, ranks and micro-batches; pure, so it is tested without Ray.
+
+    Each mini-batch (a contiguous slice: one optimizer step) is balanced over the ranks by tokens,
+    each rank's share is cut into micro-batches within the token budget, and ranks with fewer
+    micro-batches get padding ones. Also returns each mini-batch's loss denominator over all ranks
+    (non-empty sequences, or completion tokens for agg='token_mean').
+    """
+    n = len(completion_lens)
+    if len(prompt_lens) != n:
+        raise ValueError(f"{len(prompt_lens)} prompt lengths but {n} completion lengths")
+    if n < num_mini_batches * num_ranks:
+        raise ValueError(
+            f"{n} sequences cannot fill {num_mini_batches} mini-batch(es) x {num_ranks} learner rank(s); "
+            "lower learner.mini_batches or learner.num_workers, or raise algorithm.prompts_per_step"
+        )
+    totals = [p + c for p, c in zip(prompt_lens, completion_lens, strict=True)]
+    bounds = [round(m * n / num_mini_batches) for m in range(num_mini_batches + 1)]
+    per_rank_global: list[list[list[int]]] = [[] for _ in range(num_ranks)]  # [rank][mini] -> global ids
+    denominators = []
+    for m in range(num_mini_batches):
+        ids = list(range(bounds[m], bounds[m + 1]))
+        for r, share in enumerate(balance_by_tokens([totals[i] for i in ids], num_ranks)):
+            per_rank_global[r].append([ids[j] for j in share])
+        if agg == "token_mean":
+            denominators.append(float(sum(completion_lens[i] for i in ids)))
+        else:
+            denominators.append(float(sum(1 for i in ids if completion_lens[i] > 0)))
+    plans = []
+    for r in range(num_ranks):
+        items = sorted(i for mini in per_rank_global[r] for i in mini)
+        local = {g: k for k, g in enumerate(items)}
+        minis = []
+        for mini in per_rank_global[r]:
+            micro = split_micro_batches([totals[i] for i in mini], token_budget) if mini else []
+            minis.append([[local[mini[j]] for j in mb] for mb in micro])
+        plans.append(RankPlan(items, minis))
+    for m in range(num_mini_batches):
+        most = max(len(p.mini_batches[m]) for p in plans)
+        for p in plans:
+            p.mini_batches[m] += [[PAD]] * (most - len(p.mini_batches[m]))
+    return plans, [max(d, 1.0) for d in denominators]
+
+
+def reduce_metrics(per_rank: list[dict]) -> dict:
+    """Loss metrics weighted by each rank's sequences; counts summed; times and memory as the max."""
+    out: dict[str, float] = {}
+    weight = sum(m.get("sequences", 0.0) for m in per_rank)
+    for key in per_rank[0]:
+        values = [m[key] for m in per_rank if key in m]
+        if key in ("sequences", "tokens"):
+            out[key] = sum(values)
+        elif key in ("step_s", "peak_mem_gb", "grad_norm", "lr"):
+            out[key] = max(values)  # grad norm and lr are the same on every rank
+        elif weight:
+            out[key] = sum(m[key] * m.get("sequences", 0.0) for m in per_rank if key in m) / weight
+    return out
+
+
+class LearnerGroup:
+    def __init__(self, cfg: Config, total_optimizer_steps: int, setup_timeout_s: float = 600.0):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from visualthinker_ray.learner.worker import LearnerWorker
+
+        self.cfg = cfg
+        self.timeout_s = cfg.resources.collective_timeout_s
+        n, gpus = cfg.learner.num_workers, cfg.learner.gpus_per_worker
+        bundle: dict[str, float] = {"CPU": 1}
+        if gpus:
+            bundle["GPU"] = gpus
+        if cfg.resources.learner_resource:
+            bundle[cfg.resources.learner_resource] = 1
+        self.pg = placement_group([dict(bundle) for _ in range(n)], strategy="PACK")
+        _wait(self.pg.ready(), setup_timeout_s, f"placing {n} learner rank(s) with {bundle} each")
+        actor = ray.remote(LearnerWorker)
+        self.workers = [
+            actor.options(
+                num_cpus=1,
+                num_gpus=gpus,
+                resources={cfg.resources.learner_resource: 1} if cfg.resources.learner_resource else None,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+            ).remote(cfg.model_dump(mode="json"), i, n, total_optimizer_steps)
+            for i in range(n)
+        ]
+        t0 = time.time()
+        addr, port = _wait(self.workers[0].node_address.remote(), setup_timeout_s, "learner rank 0 start")
+        infos = _wait_all(
+            [w.setup.remote(addr, port) for w in self.workers],
+            setup_timeout_s,
+            "learner set-up (model + FSDP)",
+        )
+        log.info(
+            "learner group: %d rank(s), %s trainable parameters, reference=%s, ready in %.1f s",
+            n,
+            f"{infos[0]['trainable_params']:,}",
+            infos[0]["reference"],
+            time.time() - t0,
+        )
+
+    def _plan(self, items: list[dict]):
+        return plan_batch(
+            [it["prompt_len"] for it in items],
+            [len(it["token_ids"]) for it in items],
+            len(self.workers),
+            self.cfg.learner.mini_batches,
+            self.cfg.learner.micro_batch_tokens,
+            self.cfg.algorithm.loss_agg,
+        )
+
+    def train_step(self, items: list[dict]) -> dict:
+        plans, denominators = self._plan(items)
+        refs = [
+            w.train_step.remote([items[i] for i in p.items], p.mini_batches, denominators)
+            for w, p in zip(self.workers, plans, strict=True)
+        ]
+        return reduce_metrics(_wait_all(refs, self.timeout_s, "learner train step"))
+
+    def compute_logprobs(self, items: list[dict], use_reference: bool = False) -> list[list[float]]:
+        """Per-item completion log-probs, in the items' order."""
+        plans, _ = plan_batch(
+            [it["prompt_len"] for it in items],
+            [len(it["token_ids"]) for it in items],
+            len(self.workers),
+            1,
+            self.cfg.learner.micro_batch_tokens,
+            self.cfg.algorithm.loss_agg,
+        )
+        refs = [
+            w.compute_logprobs.remote([items[i] for i in p.items], p.mini_batches[0], use_reference)
+            for w, p in zip(self.workers, plans, strict=True)
+        ]
+        out: list = [None] * len(items)
+        for p, res in zip(plans, _wait_all(refs, self.timeout_s, "learner log-probs"), strict=True):
+            for local, global_idx in enumerate(p.items):
+                out[global_idx] = res[local]
+        return out
+
+    def full_state_dict(self, reference: bool = False) -> dict:
+        """Rank 0's gathered full parameters (every rank takes part in the gathers)."""
+        results = _wait_all(
+            [w.full_state_dict.remote(reference) for w in self.workers], self.timeout_s, "gathering weights"
+        )
+        return results[0]
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for w in self.workers:
+            ray.kill(w)
+        remove_placement_group(self.pg)
+
+
+def _wait(ref, timeout_s: float, what: str):
+    return _wait_all([ref], timeout_s, what)[0]
+
+
+def _wait_all(refs: list, timeout_s: float, what: str) -> list:
+    """ray.get with a bound: a dead or hung rank gives an error naming the phase, never a hang."""
+    import ray
+
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        missing = [i for i, r in enumerate(refs) if r not in ready]
+        raise TimeoutError(f"{what}: rank(s) {missing} did not finish within {timeout_s:.0f} s") from None
+    except ray.exceptions.RayActorError as e:
+        raise RuntimeError(f"{what}: a learner rank died ({e.__class__.__name__}: {e})") from e

@@ -1,0 +1,282 @@
+"""LearnerWorker: one Ray actor per GPU (per CPU process in tests) holding an FSDP2 shard of the policy.
+
+Thin on purpose: the loss, log-probs and batching are the pure functions of grpo.py and
+sequences.py; this class holds the model, the frozen reference, the optimizer and the process
+group. The group (group.py) decides which sequences each rank gets and in how many micro-batches,
+so every rank runs the same number of forward/backward passes (FSDP's collectives need that).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import resource
+import socket
+import time
+
+import torch
+import torch.distributed as dist
+
+from visualthinker_ray.config import Config
+from visualthinker_ray.data.records import PromptRecord
+from visualthinker_ray.grpo import masked_mean, policy_loss
+from visualthinker_ray.learner.schedule import lr_factor
+from visualthinker_ray.models import banned_token_ids, load_model, load_processor, resolve_dtype
+from visualthinker_ray.sequences import build_batch, completion_logprobs, encode_prompt
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def shard_model(model, mp_policy=None) -> None:
+    """FSDP2: each decoder layer and vision block is its own unit, then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    kwargs = {"mp_policy": mp_policy} if mp_policy is not None else {}
+    for block in model.model.visual.blocks:
+        fully_shard(block, **kwargs)
+    for layer in model.model.language_model.layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind an FSDP2 shard (a collective: every rank must call it)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+class LearnerWorker:
+    def __init__(self, cfg: dict, rank: int, world_size: int, total_optimizer_steps: int):
+        self.cfg = Config.model_validate(cfg)
+        self.rank, self.world_size = rank, world_size
+        self.total_optimizer_steps = max(1, total_optimizer_steps)
+        self.on_gpu = torch.cuda.is_available() and self.cfg.resources.device != "cpu"
+        self.device = torch.device("cuda", 0) if self.on_gpu else torch.device("cpu")
+        self.optimizer_steps = 0
+
+    # -- set-up -----------------------------------------------------------------------------------
+    def node_address(self) -> tuple[str, int]:
+        """Where rank 0 listens for the learner process group."""
+        return _node_ip(), free_port()
+
+    def setup(self, master_addr: str, master_port: int) -> dict:
+        cfg = self.cfg
+        timeout = datetime.timedelta(seconds=cfg.resources.collective_timeout_s)
+        dist.init_process_group(
+            backend="nccl" if self.on_gpu else "gloo",
+            init_method=f"tcp://{master_addr}:{master_port}",
+            rank=self.rank,
+            world_size=self.world_size,
+            timeout=timeout,
+        )
+        self.processor = load_processor(cfg.model.path, cfg.model.min_pixels, cfg.model.max_pixels)
+        self.banned = banned_token_ids(self.processor.tokenizer)
+        self.model = self._build_model(trainable=True)
+        self.ref_model = self._build_model(trainable=False) if cfg.algorithm.beta > 0 else None
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        lc = cfg.learner
+        self.optimizer = torch.optim.AdamW(
+            params, lr=lc.lr, betas=lc.adam_betas, weight_decay=lc.weight_decay, eps=1e-8
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: lr_factor(step, self.total_optimizer_steps, lc.warmup_steps, lc.lr_schedule),
+        )
+        return {
+            "rank": self.rank,
+            "trainable_params": sum(p.numel() for p in params),
+            "reference": self.ref_model is not None,
+        }
+
+    def _build_model(self, trainable: bool):
+        cfg = self.cfg
+        # fp32 master weights (and so fp32 optimizer state); bf16 compute through FSDP's policy on GPU.
+        model = load_model(cfg.model.path, torch.float32, str(self.device))
+        mp_policy = None
+        if self.on_gpu and resolve_dtype(cfg.model.dtype, "cuda") == torch.bfloat16:
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if trainable:
+            model.train()
+            if cfg.model.freeze_vision:
+                # The reference's freeze_vision assigned `requires_grad_ = False` (a no-op); call it.
+                model.model.visual.requires_grad_(False)
+            if cfg.model.gradient_checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.eval().requires_grad_(False)
+        shard_model(model, mp_policy)
+        return model
+
+    # -- one rank's share of a batch ---------------------------------------------------------------
+    def _encode(self, items: list[dict]) -> list:
+        """Prompts re-processed from the image bytes, once per distinct prompt."""
+        cache: dict[str, object] = {}
+        out = []
+        for it in items:
+            rec = it["record"]
+            if rec["id"] not in cache:
+                cache[rec["id"]] = encode_prompt(
+                    self.processor,
+                    PromptRecord.from_dict(rec),
+                    self.cfg.model.min_pixels,
+                    self.cfg.model.max_pixels,
+                    self.cfg.model.prompt_style,
+                )
+            out.append(cache[rec["id"]])
+        return out
+
+    def _batch(self, items: list[dict], encoded: list, idx: list[int]) -> dict[str, torch.Tensor]:
+        tok = self.processor.tokenizer
+        batch = build_batch(
+            [encoded[i] for i in idx],
+            [items[i]["token_ids"] for i in idx],
+            pad_token_id=tok.pad_token_id,
+            image_token_id=self.model.config.image_token_id,
+            video_token_id=self.model.config.video_token_id,
+        )
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _logprobs(self, model, batch, with_entropy=False):
+        return completion_logprobs(
+            model, batch, self.cfg.rollout.temperature, self.banned, with_entropy=with_entropy
+        )
+
+    @torch.no_grad()
+    def compute_logprobs(
+        self, items: list[dict], micro_batches: list[list[int]], use_reference: bool = False
+    ):
+        """Per-sequence completion log-probs (lists of floats) under the policy or the reference."""
+        model = self.ref_model if use_reference else self.model
+        if model is None:
+            raise RuntimeError("no reference model: it is only built when algorithm.beta > 0")
+        encoded = self._encode(items)
+        out: list[list[float] | None] = [None] * len(items)
+        for mb in micro_batches:
+            batch = self._batch(items, encoded, [i for i in mb if i >= 0] or [0])  # padding still runs
+            logp = self._logprobs(model, batch)
+            mask = batch["completion_mask"].bool()
+            for row, i in enumerate(i for i in mb if i >= 0):
+                out[i] = logp[row][mask[row]].tolist()
+        return out
+
+    def train_step(
+        self, items: list[dict], mini_batches: list[list[list[int]]], denominators: list[float]
+    ) -> dict:
+        """One or more optimizer steps over this rank's items.
+
+        mini_batches[m] is this rank's list of micro-batches (indices into items) for optimizer step
+        m; index -1 marks a padding micro-batch that runs with zero weight so that every rank makes
+        the same number of forward/backward passes. denominators[m] is the loss denominator of the
+        whole mini-batch across all ranks (grpo.loss_denominator).
+        """
+        cfg, alg = self.cfg, self.cfg.algorithm
+        t0 = time.time()
+        encoded = self._encode(items)
+        on_policy = len(mini_batches) == 1 and cfg.learner.update_epochs == 1
+        # Old log-probs come from the weights before the first update (unneeded when on-policy:
+        # then the ratio is exp(logp - logp.detach())); reference log-probs never change.
+        all_mbs = [mb for mini in mini_batches for mb in mini]
+        old = None if on_policy else self.compute_logprobs(items, all_mbs)
+        ref = self.compute_logprobs(items, all_mbs, use_reference=True) if alg.beta > 0 else None
+        sums: dict[str, float] = {}
+        weight_total = 0.0
+        grad_norms, n_tokens = [], 0
+        for _epoch in range(cfg.learner.update_epochs):
+            for mini, denom in zip(mini_batches, denominators, strict=True):
+                self.optimizer.zero_grad(set_to_none=True)
+                for mb in mini:
+                    real = [i for i in mb if i >= 0]
+                    batch = self._batch(
+                        items, encoded, real or [0]
+                    )  # padding: any real sequence, zero weight
+                    mask = batch["completion_mask"] if real else torch.zeros_like(batch["completion_mask"])
+                    logp, entropy = self._logprobs(self.model, batch, with_entropy=True)
+                    adv = torch.tensor([items[i]["advantage"] for i in real] or [0.0], device=self.device)
+                    loss, metrics = policy_loss(
+                        logp,
+                        self._aligned(old, real, mask, logp) if old is not None else logp.detach(),
+                        self._aligned(ref, real, mask, logp) if ref is not None else None,
+                        adv,
+                        mask,
+                        beta=alg.beta,
+                        clip_low=alg.clip_low,
+                        clip_high=alg.clip_high,
+                        agg=alg.loss_agg,
+                        norm_constant=cfg.rollout.max_new_tokens,
+                        global_denominator=denom,
+                    )
+                    # FSDP averages gradients over ranks; scale up so the sum over ranks and
+                    # micro-batches is the gradient of the whole mini-batch's loss.
+                    (loss * self.world_size).backward()
+                    if real:
+                        w = float(len(real))
+                        metrics["entropy"] = masked_mean(entropy, mask.bool()).item()
+                        for k, v in metrics.items():
+                            sums[k] = sums.get(k, 0.0) + w * v
+                        weight_total += w
+                        n_tokens += int(batch["attention_mask"].sum())
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    [p for p in self.model.parameters() if p.requires_grad], cfg.learner.grad_clip
+                )
+                grad_norms.append(full_tensor(grad_norm).item())
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer_steps += 1
+        out = {k: v / weight_total for k, v in sums.items()} if weight_total else {}
+        out.update(
+            grad_norm=sum(grad_norms) / len(grad_norms),
+            lr=self.scheduler.get_last_lr()[0],
+            sequences=weight_total,
+            tokens=n_tokens,
+            step_s=time.time() - t0,
+            peak_mem_gb=self.peak_memory_gb(),
+        )
+        return out
+
+    def _aligned(
+        self, per_seq: list, real: list[int], mask: torch.Tensor, like: torch.Tensor
+    ) -> torch.Tensor:
+        """Scatter per-sequence log-prob lists into the [B, L-1] layout of this micro-batch."""
+        out = torch.zeros_like(like)
+        for row, i in enumerate(real):
+            pos = mask[row].nonzero().squeeze(-1)
+            out[row, pos] = torch.tensor(per_seq[i], dtype=like.dtype, device=like.device)
+        return out
+
+    # -- weights -----------------------------------------------------------------------------------
+    def iter_full_params(self, reference: bool = False):
+        """(name, full tensor) per parameter, gathered one at a time; every rank must iterate."""
+        model = self.ref_model if reference else self.model
+        for name, p in model.named_parameters():
+            yield name, full_tensor(p.detach())
+
+    def full_state_dict(self, reference: bool = False) -> dict[str, torch.Tensor] | None:
+        """The full parameters on CPU on rank 0 (None elsewhere): for tests and HF export."""
+        out = {}
+        for name, t in self.iter_full_params(reference):
+            if self.rank == 0:
+                out[name] = t.cpu().clone()
+        return out if self.rank == 0 else None
+
+    def peak_memory_gb(self) -> float:
+        if self.on_gpu:
+            return torch.cuda.max_memory_allocated() / 2**30
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _node_ip() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:
+        return os.environ.get("MASTER_ADDR", "127.0.0.1")
