@@ -121,7 +121,7 @@ class LearnerGroup:
         ]
         t0 = time.time()
         addr, port = _wait(self.workers[0].node_address.remote(), setup_timeout_s, "learner rank 0 start")
-        infos = _wait_all(
+        self.rank_info = infos = _wait_all(
             [w.setup.remote(addr, port) for w in self.workers],
             setup_timeout_s,
             "learner set-up (model + FSDP)",
@@ -178,6 +178,22 @@ class LearnerGroup:
             [w.full_state_dict.remote(reference) for w in self.workers], self.timeout_s, "gathering weights"
         )
         return results[0]
+
+    def save_checkpoint(self, path: str) -> None:
+        _wait_all(
+            [w.save_checkpoint.remote(path) for w in self.workers], self.timeout_s, "saving a checkpoint"
+        )
+
+    def load_checkpoint(self, path: str) -> int:
+        """Restores every rank's shard; returns the optimizer step count."""
+        return _wait_all(
+            [w.load_checkpoint.remote(path) for w in self.workers], self.timeout_s, "loading a checkpoint"
+        )[0]
+
+    def export_hf(self, out_dir: str) -> str:
+        return _wait_all(
+            [w.export_hf.remote(out_dir) for w in self.workers], self.timeout_s, "exporting the model"
+        )[0]
 
     def shutdown(self) -> None:
         import ray

@@ -89,6 +89,7 @@ class LearnerWorker:
             "rank": self.rank,
             "trainable_params": sum(p.numel() for p in params),
             "reference": self.ref_model is not None,
+            "gradient_checkpointing": bool(getattr(self.model, "is_gradient_checkpointing", False)),
         }
 
     def _build_model(self, trainable: bool):
@@ -262,6 +263,50 @@ class LearnerWorker:
             if self.rank == 0:
                 out[name] = t.cpu().clone()
         return out if self.rank == 0 else None
+
+    # -- checkpoints and export --------------------------------------------------------------------
+    def save_checkpoint(self, path: str) -> None:
+        """Every rank writes its shard of the model and optimizer state (torch.distributed.checkpoint)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(path, "learner"))
+        if self.rank == 0:
+            extra = {"scheduler": self.scheduler.state_dict(), "optimizer_steps": self.optimizer_steps}
+            torch.save(extra, os.path.join(path, "learner_extra.pt"))
+        dist.barrier()
+
+    def load_checkpoint(self, path: str) -> int:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=os.path.join(path, "learner"))
+        set_state_dict(
+            self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
+        extra = torch.load(os.path.join(path, "learner_extra.pt"), weights_only=True)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self.optimizer_steps = extra["optimizer_steps"]
+        return self.optimizer_steps
+
+    def export_hf(self, out_dir: str) -> str | None:
+        """An HF-format copy of the policy (model + processor) written by rank 0, loadable by
+        transformers and vLLM. Parameters are gathered one at a time into a CPU model."""
+        target = None
+        if self.rank == 0:
+            target = load_model(self.cfg.model.path, torch.float32, "cpu")
+            params = dict(target.named_parameters())
+        for name, t in self.iter_full_params():
+            if target is not None:
+                params[name].data.copy_(t.detach().to("cpu", torch.float32))
+        if target is None:
+            return None
+        target.save_pretrained(out_dir, safe_serialization=True)
+        self.processor.save_pretrained(out_dir)
+        return out_dir
 
     def peak_memory_gb(self) -> float:
         if self.on_gpu:
