@@ -8,6 +8,7 @@ from visualthinker_ray.data.prompts import build_prompt, load_images
 from visualthinker_ray.data.records import PromptRecord
 from visualthinker_ray.models import banned_token_ids, load_model, load_processor, resolve_dtype
 from visualthinker_ray.rollout.engine import Completion, SamplingSpec
+from visualthinker_ray.weight_sync import check_update
 
 
 class HFEngine:
@@ -29,6 +30,23 @@ class HFEngine:
         self.banned = banned_token_ids(self.tokenizer)
         self.eos_ids = set(_as_list(self.model.generation_config.eos_token_id))
         self.policy_version = 0
+
+    @torch.no_grad()
+    def update_weights(self, named_tensors, version: int) -> None:
+        """Copy a full set of weights (in-memory transformers names) into the model; strict on names and shapes."""
+        items = list(named_tensors)
+        params = dict(self.model.named_parameters())
+        # Tied aliases (lm_head.weight -> the embeddings) are state_dict-only names; accept them too.
+        state = self.model.state_dict(keep_vars=True)
+        check_update(
+            [(n, tuple(t.shape)) for n, t in items],
+            {n: tuple(p.shape) for n, p in params.items()},
+            optional={n: tuple(t.shape) for n, t in state.items() if n not in params},
+            who="HF engine",
+        )
+        for name, t in items:
+            (params[name] if name in params else state[name]).copy_(t)
+        self.policy_version = version
 
     @torch.no_grad()
     def generate(self, records: list[PromptRecord], sampling: SamplingSpec) -> list[Completion]:

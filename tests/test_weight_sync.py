@@ -1,0 +1,192 @@
+"""The weight-sync transport: bucket planning (pure), update checks (pure), and real gloo groups
+between the test process (rank 0) and Ray actors on loopback: exact bytes, bounded failures, rebuilds."""
+
+import random
+import time
+
+import pytest
+import ray
+import torch
+
+from visualthinker_ray.rollout.pool import free_port
+from visualthinker_ray.weight_sync import (
+    TensorMeta,
+    WeightReceiver,
+    WeightSender,
+    WeightSyncError,
+    check_update,
+    plan_buckets,
+    tensor_metas,
+)
+
+TIMEOUT_S = 4.0
+
+
+def _random_metas(seed: int, n: int = 60) -> list[TensorMeta]:
+    rng = random.Random(seed)
+    dtypes = ["float32", "bfloat16", "float16", "int64"]
+    return [
+        TensorMeta(
+            f"t{i}",
+            tuple(rng.choice([1, 3, 7, 64, 300]) for _ in range(rng.randint(0, 3))),
+            rng.choice(dtypes),
+        )
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("budget", [64, 1000, 10_000, 10**9])
+def test_plan_buckets_invariants(seed, budget):
+    metas = _random_metas(seed)
+    plan = plan_buckets(metas, budget)
+    placed = sorted(i for b in plan for i, _ in b.entries)
+    assert placed == list(range(len(metas))), "every tensor exactly once"
+    for b in plan:
+        assert {metas[i].dtype for i, _ in b.entries} == {b.dtype}, "one dtype per bucket"
+        nbytes = sum(metas[i].nbytes for i, _ in b.entries)
+        assert nbytes <= budget or len(b.entries) == 1, "over budget only as a singleton"
+        # the tensors tile the flat buffer exactly, in stream order
+        offsets = [off for _, off in b.entries]
+        sizes = [metas[i].numel for i, _ in b.entries]
+        assert offsets == [sum(sizes[:k]) for k in range(len(sizes))] and sum(sizes) == b.numel
+        assert [i for i, _ in b.entries] == sorted(i for i, _ in b.entries)
+    # a streaming sender can broadcast each bucket as soon as its last tensor arrives
+    assert [b.last_index for b in plan] == sorted(b.last_index for b in plan)
+
+
+def test_plan_buckets_packs_small_tensors_and_isolates_big_ones():
+    metas = [TensorMeta(f"s{i}", (10,), "float32") for i in range(10)] + [
+        TensorMeta("big", (1000,), "float32")
+    ]
+    plan = plan_buckets(metas, 200)  # 40 B per small tensor: 5 per bucket
+    assert [len(b.entries) for b in plan] == [5, 5, 1]
+    assert plan[-1].entries == ((10, 0),)
+    with pytest.raises(ValueError):
+        plan_buckets(metas, 0)
+
+
+def test_check_update_is_strict():
+    expected = {"a.weight": (2, 3), "b.bias": (3,)}
+    check_update([("a.weight", (2, 3)), ("b.bias", (3,)), ("tied", (3,))], expected, {"tied": (3,)})
+    with pytest.raises(WeightSyncError, match=r"unknown weight 'a.wieght'.*did you mean a.weight"):
+        check_update([("a.wieght", (2, 3)), ("b.bias", (3,))], expected)
+    with pytest.raises(WeightSyncError, match=r"missing 1 of 2 weights.*b.bias"):
+        check_update([("a.weight", (2, 3))], expected)
+    with pytest.raises(WeightSyncError, match=r"'b.bias' has shape \(1,\)"):
+        check_update([("a.weight", (2, 3)), ("b.bias", (1,))], expected)
+    with pytest.raises(WeightSyncError, match="sent twice"):
+        check_update([("a.weight", (2, 3)), ("a.weight", (2, 3)), ("b.bias", (3,))], expected)
+
+
+@ray.remote(num_cpus=1)
+class Peer:
+    """A bare receiver (rank >= 1) with no engine."""
+
+    def __init__(self):
+        self.rx = None
+
+    def join(self, port, world, rank, timeout_s):
+        if self.rx is not None:
+            self.rx.close()
+        self.rx = None
+        self.rx = WeightReceiver("127.0.0.1", port, world, rank, timeout_s, device="cpu")
+        return True
+
+    def receive(self, metas, plan):
+        return {n: t.clone() for n, t in self.rx.receive(metas, plan)}
+
+    def sleep(self, s):
+        time.sleep(s)
+        return True
+
+
+@pytest.fixture(scope="module")
+def peers():
+    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ps = [Peer.remote(), Peer.remote()]
+    ray.get([p.sleep.remote(0) for p in ps], timeout=60)
+    yield ps
+    ray.shutdown()
+
+
+def _group(peers, timeout_s=TIMEOUT_S, joiners=None):
+    port = free_port()
+    world = len(peers) + 1
+    joiners = peers if joiners is None else joiners
+    refs = [p.join.remote(port, world, peers.index(p) + 1, timeout_s) for p in joiners]
+    return WeightSender("127.0.0.1", port, world, timeout_s, bucket_bytes=4096, device="cpu"), refs
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(0)
+    return [
+        ("w.fp32", torch.randn(37, 11, generator=g)),
+        ("w.bf16", torch.randn(5, 9, generator=g).to(torch.bfloat16)),
+        ("w.big", torch.randn(3000, generator=g)),  # over the 4 KiB budget: its own bucket
+        ("w.int", torch.arange(7)),
+        ("w.scalar", torch.tensor(3.5)),
+    ] + [(f"w.small{i}", torch.randn(50, generator=g)) for i in range(40)]
+
+
+def test_broadcast_delivers_exact_bytes_and_a_new_port_rebuilds(peers):
+    for _ in range(2):  # the second group replaces the first on a fresh port, same processes
+        sender, joined = _group(peers)
+        assert ray.get(joined, timeout=30) == [True, True]
+        named = _tensors()
+        metas = tensor_metas(named)
+        plan = plan_buckets(metas, 4096)
+        assert len(plan) > 3
+        got = [p.receive.remote(metas, plan) for p in peers]
+        stats = sender.send(iter(named), metas, plan)
+        assert stats["buckets"] == len(plan)
+        for out in ray.get(got, timeout=30):
+            assert list(out) == [n for n, _ in named]
+            for n, t in named:
+                assert out[n].dtype == t.dtype and torch.equal(out[n], t), n
+        sender.close()
+
+
+def test_a_rank_that_never_joins_is_named_within_the_deadline(peers):
+    t0 = time.monotonic()
+    port = free_port()
+    joined = peers[0].join.remote(port, 3, 1, 2.0)  # rank 2 never comes
+    with pytest.raises(
+        WeightSyncError, match=r"rank\(s\) \[2\] of 3 did not join within 2s \(seen from rank 0\)"
+    ):
+        WeightSender("127.0.0.1", port, 3, 2.0, device="cpu")
+    assert time.monotonic() - t0 < 2.0 + 3.0
+    # the peer that did join fails too, in bounded time, instead of waiting for a group that never forms
+    with pytest.raises(ray.exceptions.RayTaskError, match="WeightSyncError"):
+        ray.get(joined, timeout=10)
+
+
+def test_a_stuck_peer_makes_the_send_raise_within_the_timeout(peers):
+    sender, joined = _group(peers, timeout_s=3.0)
+    ray.get(joined, timeout=30)
+    named = [("big", torch.zeros(8_000_000))]  # 32 MB: more than the socket buffers take unread
+    metas = tensor_metas(named)
+    plan = plan_buckets(metas, 4096)
+    live = peers[0].receive.remote(metas, plan)
+    stuck = peers[1].sleep.remote(6)  # joined, alive, but never takes part
+    t0 = time.monotonic()
+    with pytest.raises(
+        WeightSyncError, match=r"weight-sync@127\.0\.0\.1:\d+: bucket 1/1 .* failed on rank 0"
+    ):
+        sender.send(iter(named), metas, plan)
+    assert time.monotonic() - t0 < 3.0 + 2.0
+    with pytest.raises(WeightSyncError, match="rebuild"):  # the group is marked broken
+        sender.send(iter(named), metas, plan)
+    ray.get(stuck, timeout=30)
+    ray.wait([live], timeout=30)
+    sender.close()
+
+
+def test_sender_refuses_a_stream_that_differs_from_its_metadata(peers):
+    sender, joined = _group(peers)
+    ray.get(joined, timeout=30)
+    named = _tensors()
+    metas = tensor_metas(named)
+    with pytest.raises(WeightSyncError, match=r"tensor #0 is w.bf16 .* metadata .* says w.fp32"):
+        sender.send(iter(named[1:]), metas)
+    sender.close()
