@@ -179,6 +179,23 @@ class LearnerGroup:
         )
         return results[0]
 
+    # -- the weight-sync sender (rollout/pool.py's Sender protocol) ------------------------------------
+    def node_ip(self) -> str:
+        return _wait(self.workers[0].node_address.remote(), self.timeout_s, "learner rank 0 address")[0]
+
+    def weight_metas(self) -> list:
+        return _wait(self.workers[0].weight_metas.remote(), self.timeout_s, "learner weight metadata")
+
+    def init_sync_group(self, addr: str, port: int, world_size: int, timeout_s: float) -> dict:
+        return {
+            "learner rank 0 (sender)": self.workers[0].init_sync_group.remote(
+                addr, port, world_size, timeout_s
+            )
+        }
+
+    def send_weights(self, plan) -> dict:
+        return {f"learner rank {i}": w.send_weights.remote(plan) for i, w in enumerate(self.workers)}
+
     def save_checkpoint(self, path: str) -> None:
         _wait_all(
             [w.save_checkpoint.remote(path) for w in self.workers], self.timeout_s, "saving a checkpoint"

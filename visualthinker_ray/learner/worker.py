@@ -217,6 +217,13 @@ class LearnerWorker:
                     if real:
                         w = float(len(real))
                         metrics["entropy"] = masked_mean(entropy, mask.bool()).item()
+                        if on_policy and "logprobs" in items[real[0]]:
+                            engine = self._aligned(
+                                [items[i]["logprobs"] for i in real], range(len(real)), mask, logp
+                            )
+                            metrics["logprob_mismatch"] = masked_mean(
+                                (logp.detach() - engine).abs(), mask.bool()
+                            ).item()
                         for k, v in metrics.items():
                             sums[k] = sums.get(k, 0.0) + w * v
                         weight_total += w
@@ -229,6 +236,14 @@ class LearnerWorker:
                 self.scheduler.step()
                 self.optimizer_steps += 1
         out = {k: v / weight_total for k, v in sums.items()} if weight_total else {}
+        if old is not None and "logprobs" in items[0]:
+            # Engine vs learner on the same weights (before the first update): the sampling mismatch.
+            diffs = [
+                abs(a - b)
+                for it, lp in zip(items, old, strict=True)
+                for a, b in zip(it["logprobs"], lp, strict=True)
+            ]
+            out["logprob_mismatch"] = sum(diffs) / max(1, len(diffs))
         out.update(
             grad_norm=sum(grad_norms) / len(grad_norms),
             lr=self.scheduler.get_last_lr()[0],
@@ -255,6 +270,32 @@ class LearnerWorker:
         model = self.ref_model if reference else self.model
         for name, p in model.named_parameters():
             yield name, full_tensor(p.detach())
+
+    def weight_metas(self) -> list:
+        """Names, full shapes and dtypes of the parameters, without gathering anything."""
+        from visualthinker_ray.weight_sync import tensor_metas
+
+        return tensor_metas(self.model.named_parameters())
+
+    def init_sync_group(self, addr: str, port: int, world_size: int, timeout_s: float) -> None:
+        """Rank 0 joins the weight-sync group as its sender (rank 0 of that group)."""
+        from visualthinker_ray.weight_sync import WeightSender
+
+        if self.rank != 0:
+            return
+        if getattr(self, "sync_sender", None) is not None:
+            self.sync_sender.close()
+        self.sync_sender = None
+        self.sync_sender = WeightSender(addr, port, world_size, timeout_s, device=str(self.device))
+
+    def send_weights(self, plan) -> dict:
+        """Every rank gathers parameter by parameter; rank 0 streams them into the sync buckets."""
+        named = self.iter_full_params()
+        if self.rank != 0:
+            for _ in named:
+                pass
+            return {}
+        return self.sync_sender.send(named, self.weight_metas(), plan)
 
     def full_state_dict(self, reference: bool = False) -> dict[str, torch.Tensor] | None:
         """The full parameters on CPU on rank 0 (None elsewhere): for tests and HF export."""
