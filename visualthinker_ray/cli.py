@@ -42,8 +42,11 @@ def cmd_make_synthetic(args) -> int:
 
 
 def cmd_show_config(args) -> int:
-    from visualthinker_ray.config import dump_config, load_config
+    from visualthinker_ray.config import config_reference, dump_config, load_config
 
+    if args.reference:
+        print(config_reference())
+        return 0
     print(dump_config(load_config(args.config, args.overrides)), end="")
     return 0
 
@@ -54,6 +57,57 @@ def cmd_generate(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     run_generation_pass(cfg, num_prompts=args.prompts, show_samples=args.samples)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from visualthinker_ray.config import load_config
+    from visualthinker_ray.trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    trainer = Trainer(cfg, resume=args.resume)
+    try:
+        trainer.fit()
+    finally:
+        trainer.shutdown()
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from visualthinker_ray.config import load_config
+    from visualthinker_ray.evaluate import run_eval
+
+    cfg = load_config(args.config, args.overrides)
+    run_eval(cfg, args.model, args.data or cfg.data.eval, args.out)
+    return 0
+
+
+def cmd_warmup(args) -> int:
+    import json
+
+    from visualthinker_ray.warmup import format_and_accuracy, warmup
+
+    summary = warmup(
+        args.model, args.data, args.out, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+        seed=args.seed, limit=args.limit, log_every=args.log_every,
+    )  # fmt: skip
+    if args.check_prompts > 0:
+        check = format_and_accuracy(
+            args.out, args.data, n_prompts=args.check_prompts, group_size=args.check_group_size,
+            max_new_tokens=args.max_new_tokens, seed=args.seed,
+        )  # fmt: skip
+        print(
+            f"[warmup] check on {check['prompts']} held-out prompts x {args.check_group_size} (T=1.0): "
+            f"format {check['format']:.3f}, accuracy {check['accuracy']:.3f} (chance {check['chance']:.3f}), "
+            f"answer is an option {check['option_rate']:.3f}, mean length {check['mean_tokens']:.1f} tokens, "
+            f"truncated {check['truncated']:.3f}"
+        )
+        for text in check.pop("samples")[:2]:
+            print(f"  sample: {text!r}")
+        summary["check"] = check
+        path = f"{args.out}/warmup.json"
+        with open(path, "w") as f:
+            json.dump(summary, f, indent=2)
     return 0
 
 
@@ -91,8 +145,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=2, help="how many completions to print in full")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("train", help="GRPO training: rollout workers, reward pool and learner group on Ray")
+    _add_config_args(p)
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint under checkpoint.dir"
+    )
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="CV-Bench evaluation (greedy) through rollout workers")
+    _add_config_args(p)
+    p.add_argument("--model", required=True, help="HF checkpoint folder or hub id")
+    p.add_argument("--data", help="CV-Bench folder, parquet file or hub id (default: data.eval)")
+    p.add_argument("--out", help="JSON results file (default: <logging.dir>/cvbench_eval.json)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "warmup",
+        help="supervised format warm-up of the tiny model (R1-Zero format, random answers): "
+        "the base-model stand-in",
+    )
+    p.add_argument("--model", required=True, help="the tiny model folder (make-tiny-model)")
+    p.add_argument(
+        "--data", required=True, help="SAT folder with SAT_train.parquet (and SAT_val for the check)"
+    )
+    p.add_argument("--out", required=True, help="output folder for the warmed-up model")
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="use the first N training rows")
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--check-prompts", type=int, default=32, help="held-out prompts for the check (0: skip)")
+    p.add_argument("--check-group-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.set_defaults(func=cmd_warmup)
+
     p = sub.add_parser("show-config", help="print the resolved config (defaults + file + overrides)")
     _add_config_args(p)
+    p.add_argument("--reference", action="store_true", help="print every key, default and meaning as Markdown")
     p.set_defaults(func=cmd_show_config)
     return parser
 
