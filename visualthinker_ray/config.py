@@ -39,7 +39,7 @@ class ModelConfig(_Section):
         description="base: R1-Zero template ending in <think>; instruct: the checkpoint's chat template",
     )
     freeze_vision: bool = Field(False, description="keep the vision tower's weights fixed")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(False, description="activation checkpointing in the learner")
 
     @model_validator(mode="after")
     def _pixels_ordered(self) -> ModelConfig:
@@ -50,30 +50,34 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     train: str = Field("artifacts/data/SAT", description="SAT hub id (array/SAT), folder or parquet file")
-    train_split: str = "train"
+    train_split: str = Field("train", description="SAT split (train, static, val, test)")
     train_limit: int | None = Field(None, gt=0, description="use the first N rows (paper: 15000)")
-    shuffle_options: bool = True
-    skip_multi_image: bool = True
+    shuffle_options: bool = Field(
+        True, description="shuffle answer options with data.seed (reference run: yes)"
+    )
+    skip_multi_image: bool = Field(True, description="skip two-image SAT rows (counted and logged)")
     eval: str = Field(
         "artifacts/data/CV-Bench",
         description="CV-Bench hub id (nyu-visionx/CV-Bench), folder or parquet file",
     )
-    eval_limit: int | None = Field(None, gt=0)
-    seed: int = 0
+    eval_limit: int | None = Field(None, gt=0, description="use the first N CV-Bench rows")
+    seed: int = Field(0, description="option shuffling, data order and sampling seeds")
 
 
 class RolloutConfig(_Section):
     engine: Literal["vllm", "hf"] = Field("vllm", description="vllm wherever it imports; hf is the fallback")
-    num_workers: int = Field(1, ge=1)
+    num_workers: int = Field(1, ge=1, description="rollout worker actors")
     gpus_per_worker: float = Field(0, ge=0, description="0 on CPU")
-    tensor_parallel_size: int = Field(1, ge=1)
-    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
-    max_model_len: int = Field(2048, gt=0)
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism per worker")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM GPU memory fraction")
+    max_model_len: int = Field(2048, gt=0, description="vLLM context length (prompt + completion)")
+    temperature: float = Field(
+        1.0, gt=0, description="sampling temperature (paper: 1.0); the learner uses it too"
+    )
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling (1.0: off)")
     max_new_tokens: int = Field(64, gt=0, description="paper: 700")
     eval_max_new_tokens: int = Field(64, gt=0, description="paper: 1024 (greedy)")
-    stop: list[str] = Field(default_factory=list)
+    stop: list[str] = Field(default_factory=list, description="stop strings, kept in the completion")
 
 
 class RewardPlugin(_Section):
@@ -93,66 +97,72 @@ class RewardPlugin(_Section):
 
 
 class RewardConfig(_Section):
-    num_workers: int = Field(1, ge=1)
+    num_workers: int = Field(1, ge=1, description="grading actors (CPU)")
     timeout_s: float = Field(5.0, gt=0, description="per-completion grading time limit")
-    format_weight: float = 1.0
-    accuracy_weight: float = 1.0
-    plugins: list[RewardPlugin] = Field(default_factory=list)
+    format_weight: float = Field(1.0, description="weight of the format reward")
+    accuracy_weight: float = Field(1.0, description="weight of the accuracy reward")
+    plugins: list[RewardPlugin] = Field(
+        default_factory=list, description="extra rewards: [{name, function: 'module:function', weight}]"
+    )
 
 
 class LearnerConfig(_Section):
     num_workers: int = Field(1, ge=1, description="learner ranks (one per GPU)")
-    gpus_per_worker: float = Field(0, ge=0)
-    lr: float = Field(1e-6, gt=0)
-    lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0, ge=0, description="0 on CPU")
+    lr: float = Field(1e-6, gt=0, description="AdamW learning rate (paper: 1e-6)")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "linear", description="decay to 0 at the last step"
+    )
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up optimizer steps")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    grad_clip: float = Field(1.0, gt=0, description="gradient norm clipping")
     micro_batch_tokens: int = Field(8192, gt=0, description="token budget of one forward/backward")
     mini_batches: int = Field(1, ge=1, description="optimizer steps per rollout batch and epoch")
-    update_epochs: int = Field(1, ge=1)
+    update_epochs: int = Field(1, ge=1, description="passes over each rollout batch")
 
 
 class AlgorithmConfig(_Section):
     group_size: int = Field(8, ge=1, description="G completions per prompt")
-    prompts_per_step: int = Field(8, ge=1)
+    prompts_per_step: int = Field(8, ge=1, description="prompts per RL step (x group_size completions)")
     beta: float = Field(0.04, ge=0, description="k3 KL weight against the frozen reference; 0 skips it")
-    clip_low: float = Field(0.2, ge=0)
-    clip_high: float = Field(0.2, ge=0)
-    loss_agg: Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"] = "seq_mean_token_mean"
-    scale_adv_by_std: bool = True
-    adv_eps: float = Field(1e-4, gt=0)
-    epochs: int = Field(2, ge=1)
+    clip_low: float = Field(0.2, ge=0, description="PPO ratio clip below 1")
+    clip_high: float = Field(0.2, ge=0, description="PPO ratio clip above 1 (DAPO clip-higher if > clip_low)")
+    loss_agg: Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"] = Field(
+        "seq_mean_token_mean", description="reference run / DAPO / Dr.GRPO (sum over rollout.max_new_tokens)"
+    )
+    scale_adv_by_std: bool = Field(True, description="divide by the group std (False: Dr.GRPO)")
+    adv_eps: float = Field(1e-4, gt=0, description="added to the group std")
+    epochs: int = Field(2, ge=1, description="passes over the training prompts (paper: 2)")
     max_steps: int | None = Field(None, ge=1, description="stop after N steps (default: run all epochs)")
 
 
 class ResourcesConfig(_Section):
     ray_address: str | None = Field(None, description="None: join RAY_ADDRESS if set, else start a local Ray")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda where available")
     # KubeRay worker groups advertise these custom resources so each pool lands on its own group.
-    rollout_resource: str | None = None
-    learner_resource: str | None = None
-    reward_resource: str | None = None
+    rollout_resource: str | None = Field(None, description="custom Ray resource each rollout worker asks for")
+    learner_resource: str | None = Field(None, description="custom Ray resource each learner rank asks for")
+    reward_resource: str | None = Field(None, description="custom Ray resource each grader asks for")
     collective_timeout_s: float = Field(600.0, gt=0, description="bound on every collective")
 
 
 class LoggingConfig(_Section):
-    dir: str = "runs/tiny"
+    dir: str = Field("runs/tiny", description="TensorBoard logs, steps.jsonl, config, final HF export")
     sample_every: int = Field(10, ge=1, description="log sample completions every K steps")
 
 
 class CheckpointConfig(_Section):
     dir: str | None = Field(None, description="default: <logging.dir>/checkpoints")
-    every: int = Field(50, ge=1)
-    keep_last: int = Field(2, ge=1)
+    every: int = Field(50, ge=1, description="checkpoint every K steps (and at the end)")
+    keep_last: int = Field(2, ge=1, description="complete checkpoints kept")
 
 
 class EvalConfig(_Section):
     every: int | None = Field(
         None, ge=1, description="evaluate every K training steps (None: only at the end)"
     )
-    limit: int | None = Field(None, gt=0)
+    limit: int | None = Field(None, gt=0, description="evaluate on the first N rows")
 
 
 class Config(_Section):
@@ -244,3 +254,16 @@ def _explain(err: ValidationError, source: str) -> str:
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def config_reference() -> str:
+    """Every key with its default and meaning, as a Markdown table (the README's config reference)."""
+    defaults = Config()
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for section in Config.model_fields:
+        sub = getattr(defaults, section)
+        for name, field in type(sub).model_fields.items():
+            value = sub.model_dump(mode="json")[name]
+            shown = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
+            lines.append(f"| `{section}.{name}` | `{shown}` | {field.description or ''} |")
+    return "\n".join(lines)
