@@ -182,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("show-config", help="print the resolved config (defaults + file + overrides)")
     _add_config_args(p)
-    p.add_argument("--reference", action="store_true", help="print every key, default and meaning as Markdown")
+    p.add_argument(
+        "--reference", action="store_true", help="print every key, default and meaning as Markdown"
+    )
     p.set_defaults(func=cmd_show_config)
     return parser
 

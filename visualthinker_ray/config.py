@@ -264,6 +264,8 @@ def config_reference() -> str:
         sub = getattr(defaults, section)
         for name, field in type(sub).model_fields.items():
             value = sub.model_dump(mode="json")[name]
-            shown = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
+            shown = (
+                value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
+            )
             lines.append(f"| `{section}.{name}` | `{shown}` | {field.description or ''} |")
     return "\n".join(lines)
