@@ -89,7 +89,15 @@ def test_three_steps_log_metrics_checkpoint_and_survive_bad_reward_plugins(
         " {name: stuck, function: 'tests.e2e_plugins:always_hangs'}]"
     )
     cfg = config(
-        tiny_model_dir, synthetic_dir, tmp_path, "algorithm.max_steps=3", "reward.timeout_s=0.3", plugins
+        tiny_model_dir,
+        synthetic_dir,
+        tmp_path,
+        "algorithm.max_steps=3",
+        "reward.timeout_s=0.3",
+        plugins,
+        "eval.every=3",
+        "eval.limit=8",
+        "rollout.eval_max_new_tokens=8",
     )
     run(cfg)
     scalars = read_scalars(tmp_path)
