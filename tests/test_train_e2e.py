@@ -121,6 +121,11 @@ def test_three_steps_log_metrics_checkpoint_and_survive_bad_reward_plugins(
 
     AutoModelForImageTextToText.from_pretrained(tmp_path / "final_hf")
     AutoProcessor.from_pretrained(tmp_path / "final_hf")
+    # the plot command reads the run's logs (no timing assertions: CI machines vary)
+    from visualthinker_ray.cli import main
+
+    assert main(["plot", "--logdir", str(tmp_path), "--out", str(tmp_path / "run.png")]) == 0
+    assert (tmp_path / "run.png").stat().st_size > 10_000
     # the rollout workers generated with the synced weights: the engine-learner mismatch stays small
     assert all(v < 1e-3 for _, v in scalars["learner/logprob_mismatch"])
 

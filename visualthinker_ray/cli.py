@@ -111,6 +111,14 @@ def cmd_warmup(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from visualthinker_ray.plot import plot_run
+
+    out = plot_run(args.logdir, args.out or f"{args.logdir}/training.png", args.title)
+    print(f"plot written to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="visualthinker-ray",
@@ -179,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-group-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.set_defaults(func=cmd_warmup)
+
+    p = sub.add_parser("plot", help="PNG of reward, held-out accuracy and response length from a run's logs")
+    p.add_argument("--logdir", required=True, help="the run's logging.dir")
+    p.add_argument("--out", help="PNG path (default: <logdir>/training.png)")
+    p.add_argument("--title")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("show-config", help="print the resolved config (defaults + file + overrides)")
     _add_config_args(p)
