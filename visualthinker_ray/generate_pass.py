@@ -12,26 +12,11 @@ from collections import defaultdict
 import torch
 
 from visualthinker_ray.config import Config
-from visualthinker_ray.data.sat import load_sat
+from visualthinker_ray.data.sat import load_train_records
 from visualthinker_ray.rewards import reward_fns_from_config, score_completion
-from visualthinker_ray.rollout.engine import SamplingSpec, make_engine
+from visualthinker_ray.rollout.engine import SamplingSpec, engine_kwargs, make_engine
 
 log = logging.getLogger(__name__)
-
-
-def engine_kwargs(cfg: Config) -> dict:
-    """The engine options of the config, shared by every place that builds an engine."""
-    return dict(
-        min_pixels=cfg.model.min_pixels,
-        max_pixels=cfg.model.max_pixels,
-        prompt_style=cfg.model.prompt_style,
-        dtype=cfg.model.dtype,
-        max_model_len=cfg.rollout.max_model_len,
-        tensor_parallel_size=cfg.rollout.tensor_parallel_size,
-        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-        seed=cfg.data.seed,
-        device=None if cfg.resources.device == "auto" else cfg.resources.device,
-    )
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -69,14 +54,7 @@ def format_table(summary: list[dict]) -> str:
 
 
 def run_generation_pass(cfg: Config, num_prompts: int = 16, show_samples: int = 2) -> list[dict]:
-    data = load_sat(
-        cfg.data.train,
-        split=cfg.data.train_split,
-        limit=cfg.data.train_limit,
-        shuffle_options=cfg.data.shuffle_options,
-        seed=cfg.data.seed,
-        skip_multi_image=cfg.data.skip_multi_image,
-    )
+    data = load_train_records(cfg)
     records = data.records[:num_prompts]
     log.info("loaded %d prompts from %s (%d rows read)", len(records), cfg.data.train, data.rows_read)
     t0 = time.time()

@@ -77,7 +77,7 @@ def check_groups(completions: list[Completion], records: list[PromptRecord], gro
 
 class Trainer:
     def __init__(self, cfg: Config, resume: bool = False):
-        from visualthinker_ray.data.sat import load_sat
+        from visualthinker_ray.data.sat import load_train_records
         from visualthinker_ray.learner.group import LearnerGroup
         from visualthinker_ray.reward_pool import RewardPool
         from visualthinker_ray.rollout.pool import RolloutPool
@@ -91,14 +91,7 @@ class Trainer:
         if resume and resume_from is None:
             log.warning("--resume: no complete checkpoint under %s; starting from step 0", self.ckpt_dir)
 
-        data = load_sat(
-            cfg.data.train,
-            split=cfg.data.train_split,
-            limit=cfg.data.train_limit,
-            shuffle_options=cfg.data.shuffle_options,
-            seed=cfg.data.seed,
-            skip_multi_image=cfg.data.skip_multi_image,
-        )
+        data = load_train_records(cfg)
         self.records = data.records
         self.order = DataOrder(len(self.records), alg.prompts_per_step, seed=cfg.data.seed)
         per_epoch = self.order.batches_per_epoch

@@ -126,3 +126,16 @@ def load_sat(
         except BadRow as bad:
             tally.skip(bad)
     return tally.finish(what, (what,))
+
+
+def load_train_records(cfg) -> LoadResult:
+    """The training prompts a Config names (data.train, split, limit, shuffling, seed, two-image rows)."""
+    d = cfg.data
+    return load_sat(
+        d.train,
+        split=d.train_split,
+        limit=d.train_limit,
+        shuffle_options=d.shuffle_options,
+        seed=d.seed,
+        skip_multi_image=d.skip_multi_image,
+    )

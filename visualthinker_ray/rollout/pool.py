@@ -81,23 +81,13 @@ class RolloutPool:
 
     @classmethod
     def from_config(cls, cfg, **overrides) -> RolloutPool:
+        from visualthinker_ray.rollout.engine import engine_kwargs
+
         r, m = cfg.rollout, cfg.model
-        kwargs = dict(
-            min_pixels=m.min_pixels,
-            max_pixels=m.max_pixels,
-            prompt_style=m.prompt_style,
-            dtype=m.dtype,
-        )
-        if r.engine == "vllm":
-            kwargs.update(
-                max_model_len=r.max_model_len,
-                tensor_parallel_size=r.tensor_parallel_size,
-                gpu_memory_utilization=r.gpu_memory_utilization,
-            )
         args = dict(
             model_path=m.path,
             engines=[r.engine] * r.num_workers,
-            engine_kwargs=kwargs,
+            engine_kwargs=engine_kwargs(cfg),
             gpus_per_worker=r.gpus_per_worker,
             resource=cfg.resources.rollout_resource,
             timeout_s=cfg.resources.collective_timeout_s,
