@@ -121,6 +121,13 @@ def test_three_steps_log_metrics_checkpoint_and_survive_bad_reward_plugins(
 
     AutoModelForImageTextToText.from_pretrained(tmp_path / "final_hf")
     AutoProcessor.from_pretrained(tmp_path / "final_hf")
+    # ... and vLLM serves it
+    from visualthinker_ray.data.cvbench import load_cvbench
+    from visualthinker_ray.rollout.engine import SamplingSpec, engine_kwargs, make_engine
+
+    served = make_engine("vllm", str(tmp_path / "final_hf"), **engine_kwargs(cfg))
+    record = load_cvbench(str(synthetic_dir / "CV-Bench"), limit=1).records
+    assert len(served.generate(record, SamplingSpec(n=1, temperature=0.0, max_new_tokens=4))) == 1
     # the plot command reads the run's logs (no timing assertions: CI machines vary)
     from visualthinker_ray.cli import main
 
