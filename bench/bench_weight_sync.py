@@ -24,9 +24,10 @@ import ray
 from visualthinker_ray.data.sat import load_sat
 from visualthinker_ray.data.synthetic import make_synthetic
 from visualthinker_ray.models import make_tiny_model
+from visualthinker_ray.ray_calls import wait_all
 from visualthinker_ray.rollout.engine import SamplingSpec
-from visualthinker_ray.rollout.pool import RolloutPool, _wait_all
-from visualthinker_ray.weight_sync import ModelWeightSource
+from visualthinker_ray.rollout.pool import RolloutPool
+from visualthinker_ray.weight_sync import ModelWeightSource, WeightSyncError
 
 MIN_PIXELS, MAX_PIXELS = 28 * 28 * 4, 28 * 28 * 16
 
@@ -44,7 +45,7 @@ def time_sync(pool: RolloutPool, source, repeats: int, version0: int) -> dict:
         t0 = time.monotonic()
         refs = {"sender": source.broadcast_flat.remote(numel)}
         refs.update({f"worker {i}": w.receive_flat.remote(numel) for i, w in enumerate(pool.workers)})
-        _wait_all(refs, pool.timeout_s + 30, "raw broadcast")
+        wait_all(refs, pool.timeout_s + 30, "raw broadcast", WeightSyncError)
         flat.append(time.monotonic() - t0)
     f, r = statistics.median(full), statistics.median(flat)
     return {"bytes": nbytes, "full_sync_s": f, "raw_broadcast_s": r, "ratio": f / r}

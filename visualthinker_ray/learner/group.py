@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from visualthinker_ray.config import Config
 from visualthinker_ray.grpo import balance_by_tokens, split_micro_batches
+from visualthinker_ray.ray_calls import wait_all
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,12 @@ class LearnerGroup:
         if cfg.resources.learner_resource:
             bundle[cfg.resources.learner_resource] = 1
         self.pg = placement_group([dict(bundle) for _ in range(n)], strategy="PACK")
-        _wait(self.pg.ready(), setup_timeout_s, f"placing {n} learner rank(s) with {bundle} each")
+        wait_all(
+            {"placement group": self.pg.ready()},
+            setup_timeout_s,
+            f"placing {n} learner rank(s) with {bundle} each",
+            LearnerError,
+        )
         actor = ray.remote(LearnerWorker)
         self.workers = [
             actor.options(
@@ -134,18 +140,18 @@ class LearnerGroup:
             time.time() - t0,
         )
 
-    def _plan(self, items: list[dict]):
+    def _plan(self, items: list[dict], num_mini_batches: int):
         return plan_batch(
             [it["prompt_len"] for it in items],
             [len(it["token_ids"]) for it in items],
             len(self.workers),
-            self.cfg.learner.mini_batches,
+            num_mini_batches,
             self.cfg.learner.micro_batch_tokens,
             self.cfg.algorithm.loss_agg,
         )
 
     def train_step(self, items: list[dict]) -> dict:
-        plans, denominators = self._plan(items)
+        plans, denominators = self._plan(items, self.cfg.learner.mini_batches)
         refs = [
             w.train_step.remote([items[i] for i in p.items], p.mini_batches, denominators)
             for w, p in zip(self.workers, plans, strict=True)
@@ -154,14 +160,7 @@ class LearnerGroup:
 
     def compute_logprobs(self, items: list[dict], use_reference: bool = False) -> list[list[float]]:
         """Per-item completion log-probs, in the items' order."""
-        plans, _ = plan_batch(
-            [it["prompt_len"] for it in items],
-            [len(it["token_ids"]) for it in items],
-            len(self.workers),
-            1,
-            self.cfg.learner.micro_batch_tokens,
-            self.cfg.algorithm.loss_agg,
-        )
+        plans, _ = self._plan(items, 1)
         refs = [
             w.compute_logprobs.remote([items[i] for i in p.items], p.mini_batches[0], use_reference)
             for w, p in zip(self.workers, plans, strict=True)
@@ -221,19 +220,18 @@ class LearnerGroup:
         remove_placement_group(self.pg)
 
 
+class LearnerError(RuntimeError):
+    """A learner rank failed, died or did not answer in time; the message names it."""
+
+
+def _ranks(refs: list) -> dict:
+    return {f"learner rank {i}": ref for i, ref in enumerate(refs)}
+
+
 def _wait(ref, timeout_s: float, what: str):
     return _wait_all([ref], timeout_s, what)[0]
 
 
 def _wait_all(refs: list, timeout_s: float, what: str) -> list:
-    """ray.get with a bound: a dead or hung rank gives an error naming the phase, never a hang."""
-    import ray
-
-    try:
-        return ray.get(refs, timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-        missing = [i for i, r in enumerate(refs) if r not in ready]
-        raise TimeoutError(f"{what}: rank(s) {missing} did not finish within {timeout_s:.0f} s") from None
-    except ray.exceptions.RayActorError as e:
-        raise RuntimeError(f"{what}: a learner rank died ({e.__class__.__name__}: {e})") from e
+    """Per-rank results in rank order; a dead or hung rank is named in the error, never a hang."""
+    return list(wait_all(_ranks(refs), timeout_s, what, LearnerError).values())

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import os
 import resource
-import socket
 import time
 
 import torch
@@ -23,12 +22,6 @@ from visualthinker_ray.grpo import masked_mean, policy_loss
 from visualthinker_ray.learner.schedule import lr_factor
 from visualthinker_ray.models import banned_token_ids, load_model, load_processor, resolve_dtype
 from visualthinker_ray.sequences import build_batch, completion_logprobs, encode_prompt
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def shard_model(model, mp_policy=None) -> None:
@@ -60,7 +53,10 @@ class LearnerWorker:
     # -- set-up -----------------------------------------------------------------------------------
     def node_address(self) -> tuple[str, int]:
         """Where rank 0 listens for the learner process group."""
-        return _node_ip(), free_port()
+        from visualthinker_ray.ray_calls import free_port
+
+        ip = _node_ip()
+        return ip, free_port(ip)
 
     def setup(self, master_addr: str, master_port: int) -> dict:
         cfg = self.cfg

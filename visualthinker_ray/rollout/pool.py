@@ -8,13 +8,13 @@ every rank takes part in gathering while rank 0 sends). Every wait here is bound
 
 from __future__ import annotations
 
-import socket
 import time
 from typing import Protocol
 
 import ray
 
 from visualthinker_ray.data.records import PromptRecord
+from visualthinker_ray.ray_calls import free_port, wait_all
 from visualthinker_ray.rollout.engine import Completion, SamplingSpec
 from visualthinker_ray.rollout.worker import RolloutWorker, sampling_to_dict
 from visualthinker_ray.weight_sync import DEFAULT_BUCKET_BYTES, TensorMeta, WeightSyncError, plan_buckets
@@ -104,7 +104,7 @@ class RolloutPool:
 
     def _wait_ready(self, indices) -> None:
         refs = {f"worker {i} ({self.kinds[i]})": self.workers[i].ready.remote() for i in indices}
-        _wait_all(refs, self.start_timeout_s, "starting rollout workers")
+        wait_all(refs, self.start_timeout_s, "starting rollout workers", WeightSyncError)
 
     def replace_worker(self, index: int, engine: str | None = None) -> None:
         """Kill worker `index` (if alive) and start a fresh one; the sync group is rebuilt on the next sync."""
@@ -140,7 +140,7 @@ class RolloutPool:
             for i, (w, chunk) in enumerate(zip(self.workers, chunks, strict=True))
             if chunk
         }
-        results = _wait_all(refs, timeout_s or self.generate_timeout_s, "generation", RolloutError)
+        results = wait_all(refs, timeout_s or self.generate_timeout_s, "generation", RolloutError)
         completions, stats = [], []
         for label, out in results.items():
             completions += [Completion(**c) for c in out["completions"]]
@@ -163,8 +163,11 @@ class RolloutPool:
                     addr, port, world, i + 1, self.timeout_s
                 )
             try:
-                _wait_all(
-                    refs, self.timeout_s + DRIVER_SLACK_S, f"building the weight-sync group {addr}:{port}"
+                wait_all(
+                    refs,
+                    self.timeout_s + DRIVER_SLACK_S,
+                    f"building the weight-sync group {addr}:{port}",
+                    WeightSyncError,
                 )
                 self.group = {"addr": addr, "port": port, "world_size": world}
                 return self.group
@@ -189,7 +192,9 @@ class RolloutPool:
                 metas, plan, version
             )
         try:
-            results = _wait_all(refs, self.timeout_s + DRIVER_SLACK_S, f"weight sync to version {version}")
+            results = wait_all(
+                refs, self.timeout_s + DRIVER_SLACK_S, f"weight sync to version {version}", WeightSyncError
+            )
         except WeightSyncError:
             self.group = None  # a failed collective leaves the group unusable: rebuild after repairs
             raise
@@ -202,7 +207,7 @@ class RolloutPool:
 
     def policy_versions(self) -> list[int]:
         refs = {f"worker {i}": w.policy_version.remote() for i, w in enumerate(self.workers)}
-        return list(_wait_all(refs, DRIVER_SLACK_S, "reading policy versions").values())
+        return list(wait_all(refs, DRIVER_SLACK_S, "reading policy versions", WeightSyncError).values())
 
 
 def as_sender(sender) -> Sender:
@@ -220,32 +225,3 @@ def split_evenly(items: list, n: int) -> list[list]:
         out.append(items[start:end])
         start = end
     return out
-
-
-def free_port(addr: str = "127.0.0.1") -> int:
-    """A port free on this machine right now (the sender binds it; a clash is retried on a new one)."""
-    with socket.socket() as s:
-        s.bind(("" if addr not in ("127.0.0.1", "localhost") else addr, 0))
-        return s.getsockname()[1]
-
-
-def _wait_all(refs: dict, timeout_s: float, what: str, error=WeightSyncError) -> dict:
-    """Wait for every labelled call within `timeout_s`; one error lists every call that failed and why."""
-    labels = {ref: label for label, ref in refs.items()}
-    ready, pending = ray.wait(list(labels), num_returns=len(labels), timeout=timeout_s)
-    results, failures, dead = {}, [], False
-    for ref in ready:
-        try:
-            results[labels[ref]] = ray.get(ref)
-        except ray.exceptions.ActorDiedError as e:
-            dead = True
-            failures.append(f"{labels[ref]}: actor died ({str(e).splitlines()[0]})")
-        except ray.exceptions.RayError as e:
-            cause = getattr(e, "cause", None) or e
-            failures.append(f"{labels[ref]}: {type(cause).__name__}: {str(cause).strip()[:500]}")
-    failures += [f"{labels[ref]}: no answer within {timeout_s:.0f}s" for ref in pending]
-    if failures:
-        err = error(f"{what} failed:\n  " + "\n  ".join(failures))
-        err.dead = dead
-        raise err
-    return {label: results[label] for label in refs}

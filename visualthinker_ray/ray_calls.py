@@ -1,0 +1,40 @@
+"""Driving Ray actors from the driver: bounded waits with errors naming each failed call, free ports."""
+
+from __future__ import annotations
+
+import socket
+
+import ray
+
+
+def wait_all(refs: dict, timeout_s: float, what: str, error: type[Exception] = RuntimeError) -> dict:
+    """Wait for every labelled call within `timeout_s`; results by label in the order given.
+
+    One `error` lists every call that failed and why (a dead actor, an exception, no answer in
+    time), never a hang; `err.dead` tells whether an actor died (replace it before retrying).
+    """
+    labels = {ref: label for label, ref in refs.items()}
+    ready, pending = ray.wait(list(labels), num_returns=len(labels), timeout=timeout_s)
+    results, failures, dead = {}, [], False
+    for ref in ready:
+        try:
+            results[labels[ref]] = ray.get(ref)
+        except ray.exceptions.ActorDiedError as e:
+            dead = True
+            failures.append(f"{labels[ref]}: actor died ({str(e).splitlines()[0]})")
+        except ray.exceptions.RayError as e:
+            cause = getattr(e, "cause", None) or e
+            failures.append(f"{labels[ref]}: {type(cause).__name__}: {str(cause).strip()[:500]}")
+    failures += [f"{labels[ref]}: no answer within {timeout_s:.0f}s" for ref in pending]
+    if failures:
+        err = error(f"{what} failed:\n  " + "\n  ".join(failures))
+        err.dead = dead
+        raise err
+    return {label: results[label] for label in refs}
+
+
+def free_port(addr: str = "127.0.0.1") -> int:
+    """A port free on this machine right now (whoever binds it later retries on a clash)."""
+    with socket.socket() as s:
+        s.bind(("" if addr not in ("127.0.0.1", "localhost") else addr, 0))
+        return s.getsockname()[1]
