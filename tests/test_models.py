@@ -76,3 +76,15 @@ def test_vision_special_tokens_are_single_tokens_and_banned(tiny_model_dir):
 def test_missing_local_model_path_says_how_to_build_one(tmp_path):
     with pytest.raises(FileNotFoundError, match="make-tiny-model"):
         load_model(str(tmp_path / "missing"))
+
+
+def test_tiny_model_size_options_reach_the_config(tmp_path):
+    from transformers import AutoConfig
+
+    out = make_tiny_model(tmp_path / "m", hidden_size=192, num_layers=3, vision_depth=1, vision_embed_dim=48)
+    cfg = AutoConfig.from_pretrained(out)
+    text, vision = cfg.text_config, cfg.vision_config
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads) == (192, 3, 3)
+    assert (vision.depth, vision.embed_dim, vision.num_heads, vision.hidden_size) == (1, 48, 3, 192)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        make_tiny_model(tmp_path / "bad", hidden_size=100)

@@ -64,6 +64,8 @@ def config(tiny_model_dir, synthetic_dir, log_dir, *overrides):
             "algorithm.prompts_per_step=3",
             "checkpoint.every=2",
             "resources.collective_timeout_s=120",
+            "eval.limit=8",
+            "rollout.eval_max_new_tokens=8",
             *overrides,
         ],
     )
@@ -95,9 +97,7 @@ def test_three_steps_log_metrics_checkpoint_and_survive_bad_reward_plugins(
         "algorithm.max_steps=3",
         "reward.timeout_s=0.3",
         plugins,
-        "eval.every=3",
-        "eval.limit=8",
-        "rollout.eval_max_new_tokens=8",
+        "eval.every=2",
     )
     run(cfg)
     scalars = read_scalars(tmp_path)
@@ -108,8 +108,9 @@ def test_three_steps_log_metrics_checkpoint_and_survive_bad_reward_plugins(
     # the failing plug-ins were counted at every step, and training went on
     assert all(v > 0 for _, v in scalars["reward_pool/errors"])
     assert all(v > 0 for _, v in scalars["reward_pool/timeouts"])
-    # the held-out CV-Bench evaluation ran at step 3 and went to TensorBoard
-    assert [s for s, _ in scalars["eval/accuracy/overall"]] == [3]
+    # the held-out CV-Bench evaluation ran before step 1 (the baseline), every 2 steps and at the
+    # end, and went to TensorBoard
+    assert [s for s, _ in scalars["eval/accuracy/overall"]] == [0, 2, 3]
     # per-question-type accuracy is logged for the types seen
     assert any(t.startswith("accuracy_by_type/") for t in scalars)
     # checkpoints at step 2 (every 2) and 3 (the end); the final HF export loads

@@ -107,6 +107,35 @@ def test_a_record_without_choices_is_refused():
         wu.target_completion(_record([], "x"), random.Random(0))
 
 
+def test_lettered_variant_shows_the_question_the_cvbench_way(train_records):
+    from visualthinker_ray.data.sat import format_sat_question
+    from visualthinker_ray.evaluate import cvbench_correct
+
+    record = train_records[0]
+    bare = record.meta["raw_question"]
+    # the SAT record's question is built from the bare one ...
+    assert record.question == format_sat_question(bare, record.choices)
+    variant = wu.lettered_variant(record)
+    lines = variant.question.split("\n")
+    # ... the variant is the bare question, the CV-Bench instruction, then one lettered line per option
+    assert lines[0] == f"{bare} Select from the following choices."
+    assert lines[1:] == [f"({'ABCD'[i]}) {c}" for i, c in enumerate(record.choices)]
+    assert (variant.choices, variant.gold, variant.images) == (record.choices, record.gold, record.images)
+    # a warm-up target answers it in a form the CV-Bench grader reads
+    text = f" x</think>\n<answer> {record.gold}</answer>"
+    assert cvbench_correct(text, variant.gold, list(variant.choices))
+
+
+def test_lettered_variant_needs_the_raw_question():
+    with pytest.raises(ValueError, match="raw_question"):
+        wu.lettered_variant(_record(["a", "b"], "a"))
+
+
+def test_a_bad_lettered_fraction_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="lettered_fraction"):
+        wu.warmup("no-model", "no-data", str(tmp_path), lettered_fraction=1.5)
+
+
 # ---------------------------------------------------------------- a real short warm-up
 
 

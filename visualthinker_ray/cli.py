@@ -28,6 +28,9 @@ def cmd_make_tiny_model(args) -> int:
         min_pixels=args.min_pixels,
         max_pixels=args.max_pixels,
         hidden_size=args.hidden_size,
+        num_layers=args.layers,
+        vision_depth=args.vision_depth,
+        vision_embed_dim=args.vision_width,
     )
     size_mb = sum(f.stat().st_size for f in out.iterdir()) / 2**20
     print(f"tiny Qwen2-VL written to {out} ({size_mb:.1f} MB, {time.time() - t0:.1f} s, seed {args.seed})")
@@ -90,6 +93,7 @@ def cmd_warmup(args) -> int:
     summary = warmup(
         args.model, args.data, args.out, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
         seed=args.seed, limit=args.limit, log_every=args.log_every,
+        lettered_fraction=args.lettered_fraction,
     )  # fmt: skip
     if args.check_prompts > 0:
         check = format_and_accuracy(
@@ -135,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-pixels", type=int, default=28 * 28 * 4)
     p.add_argument("--max-pixels", type=int, default=28 * 28 * 16)
     p.add_argument("--hidden-size", type=int, default=128, help="a multiple of 64")
+    p.add_argument("--layers", type=int, default=2, help="decoder layers")
+    p.add_argument("--vision-depth", type=int, default=2, help="vision transformer blocks")
+    p.add_argument("--vision-width", type=int, default=32, help="vision embedding width (a multiple of 16)")
     p.set_defaults(func=cmd_make_tiny_model)
 
     p = sub.add_parser("make-synthetic", help="render synthetic SAT- and CV-Bench-format parquet data")
@@ -178,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output folder for the warmed-up model")
     p.add_argument("--steps", type=int, default=500)
+    p.add_argument(
+        "--lettered-fraction", type=float, default=0.5,
+        help="share of examples shown CV-Bench style (lettered choices), so evaluation prompts are known",
+    )  # fmt: skip
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)

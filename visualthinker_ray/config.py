@@ -162,6 +162,10 @@ class EvalConfig(_Section):
     every: int | None = Field(
         None, ge=1, description="evaluate every K training steps (None: only at the end)"
     )
+    at_start: bool = Field(
+        True, description="evaluate the starting model before step 1 (the baseline of the curve)"
+    )
+    at_end: bool = Field(True, description="evaluate the final model (skipped if step K just did)")
     limit: int | None = Field(None, gt=0, description="evaluate on the first N rows")
 
 

@@ -111,7 +111,13 @@ def build_processor(tokenizer, min_pixels: int, max_pixels: int):
     )
 
 
-def tiny_model_config(tokenizer, hidden_size: int = 128, num_layers: int = 2, vision_depth: int = 2):
+def tiny_model_config(
+    tokenizer,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    vision_depth: int = 2,
+    vision_embed_dim: int = 32,
+):
     """A Qwen2-VL config small enough for the CPU that vLLM's CPU backend still accepts.
 
     vLLM's CPU attention needs head_dim 64, and M-RoPE needs sum(mrope_section) == head_dim / 2.
@@ -138,9 +144,9 @@ def tiny_model_config(tokenizer, hidden_size: int = 128, num_layers: int = 2, vi
     )
     vision_config = dict(
         depth=vision_depth,
-        embed_dim=32,
+        embed_dim=vision_embed_dim,
         hidden_size=hidden_size,
-        num_heads=2,
+        num_heads=max(1, vision_embed_dim // 16),
         mlp_ratio=2,
         patch_size=14,
         spatial_merge_size=2,
@@ -165,6 +171,8 @@ def make_tiny_model(
     hidden_size: int = 128,
     num_layers: int = 2,
     vocab_size: int = 1024,
+    vision_depth: int = 2,
+    vision_embed_dim: int = 32,
 ) -> Path:
     """Write a tiny random Qwen2-VL in HF format (model, processor, generation config) to `out_dir`."""
     from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
@@ -173,7 +181,7 @@ def make_tiny_model(
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_tokenizer(vocab_size)
     processor = build_processor(tokenizer, min_pixels, max_pixels)
-    config = tiny_model_config(tokenizer, hidden_size=hidden_size, num_layers=num_layers)
+    config = tiny_model_config(tokenizer, hidden_size, num_layers, vision_depth, vision_embed_dim)
     # Seed a private generator state: the weights depend on `seed` only, not on what ran before.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -207,7 +207,11 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         cfg = self.cfg
         metrics: dict[str, float] = {}
+        evaluated_at = None
         try:
+            if cfg.eval.at_start and self.step == 0:
+                self.evaluate()
+                evaluated_at = 0
             while self.step < self.total_steps:
                 metrics = self.train_step()
                 self.step += 1
@@ -221,6 +225,9 @@ class Trainer:
                     self.save_checkpoint()
                 if cfg.eval.every and self.step % cfg.eval.every == 0:
                     self.evaluate()
+                    evaluated_at = self.step
+            if cfg.eval.at_end and evaluated_at != self.step:
+                self.evaluate()
             self.export()
         finally:
             self.tracker.close()
@@ -247,8 +254,13 @@ class Trainer:
 
         records = load_eval_records(self.cfg)
         result = evaluate_records(self.rollout, records, self.cfg)
-        self.tracker.log_scalars(self.step, {f"eval/{k}": v for k, v in result["scalars"].items()})
-        return result["scalars"]
+        scalars = result["scalars"]
+        self.tracker.log_scalars(self.step, {f"eval/{k}": v for k, v in scalars.items()})
+        log.info(
+            "held-out evaluation at step %d: accuracy %.3f on %d rows",
+            self.step, scalars.get("accuracy/overall", float("nan")), len(records),
+        )  # fmt: skip
+        return scalars
 
     def export(self) -> str:
         out = str(self.log_dir / "final_hf")

@@ -99,7 +99,7 @@ def reasoning_text(record: PromptRecord, rng: random.Random) -> str:
     return " " + " ".join(sentences)
 
 
-def target_completion(record: PromptRecord, rng: random.Random) -> str:
+def target_completion(record: PromptRecord, rng: random.Random, gold: bool = False) -> str:
     """The supervised completion text (the EOS token is appended as an id, not as text).
 
     The answer is a uniformly random option of ``record.choices``: the format is taught, the task
@@ -109,10 +109,30 @@ def target_completion(record: PromptRecord, rng: random.Random) -> str:
         raise ValueError(f"record {record.id}: the warm-up needs multiple-choice records (no choices)")
     reasoning = reasoning_text(record, rng)
     answer = rng.choice(record.choices)
+    if gold:  # the supervised upper bound (bench/probe_learnability.py), never the RL start
+        answer = record.gold
     # A space before the option: the tiny BPE only knows the option words with a leading space
     # (" purple", as the question shows them); "<answer>purple" splits into "p|ur|ple", which a tiny
     # model fails to copy. The graders strip the answer, so the space changes no reward.
     return f"{reasoning}</think>\n<answer> {answer}</answer>"
+
+
+def lettered_variant(record: PromptRecord) -> PromptRecord:
+    """The record with its question shown the CV-Bench way: the bare question, then "Select from the
+    following choices." and lettered options, one per line. The same choices and gold.
+
+    A real base model has read text in many layouts; the tiny one only knows what the warm-up shows
+    it. Without this variant it answers CV-Bench-style prompts with words that are none of the
+    options (held-out accuracy far BELOW chance before any RL), which is not the start we want.
+    """
+    from dataclasses import replace
+
+    from visualthinker_ray.data.synthetic import cvbench_prompt
+
+    bare = record.meta.get("raw_question")
+    if not bare:
+        raise ValueError(f"record {record.id}: no raw_question in meta (not a SAT record?)")
+    return replace(record, id=f"{record.id}-lettered", question=cvbench_prompt(bare, record.choices))
 
 
 def chance_accuracy(records: list[PromptRecord]) -> float:
@@ -140,6 +160,7 @@ class WarmupSettings:
     weight_decay: float
     min_pixels: int
     max_pixels: int
+    lettered_fraction: float
 
 
 def _lr_factor(step: int, steps: int, warmup_steps: int) -> float:
@@ -173,6 +194,8 @@ def warmup(
     weight_decay: float = 0.0,
     min_pixels: int = DEFAULT_MIN_PIXELS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    lettered_fraction: float = 0.5,
+    gold_answers: bool = False,
     log_every: int = 10,
     log=print,
 ) -> dict:
@@ -180,7 +203,10 @@ def warmup(
 
     Loss: mean cross-entropy over the completion tokens of the batch (prompt tokens masked), AdamW,
     grad norm clipped at 1.0. Deterministic for a seed (record order, targets and dropout-free
-    training all derive from it). Writes an HF checkpoint (model + processor) and ``warmup.json`` to
+    training all derive from it). A ``lettered_fraction`` of the examples show the question the
+    CV-Bench way (``lettered_variant``), so that the evaluation's prompt layout is known too.
+    ``gold_answers`` trains on the GOLD option instead: a diagnostic (how much can this model learn
+    from the images when told the answer?), not a starting point for RL. Writes an HF checkpoint (model + processor) and ``warmup.json`` to
     ``out_dir``; returns that JSON's content.
     """
     from visualthinker_ray.data.sat import load_sat
@@ -189,9 +215,11 @@ def warmup(
 
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be positive, got {steps} and {batch_size}")
+    if not 0.0 <= lettered_fraction <= 1.0:
+        raise ValueError(f"lettered_fraction must be in [0, 1], got {lettered_fraction}")
     settings = WarmupSettings(
         str(model_dir), str(data), str(out_dir), steps, lr, batch_size, seed, limit, warmup_steps,
-        weight_decay, min_pixels, max_pixels,
+        weight_decay, min_pixels, max_pixels, lettered_fraction,
     )  # fmt: skip
     t_start = time.perf_counter()
     records = [r for r in load_sat(data, "train", limit=limit).records if r.choices]
@@ -203,6 +231,11 @@ def warmup(
     image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     video_token_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
     encoded = [encode_prompt(processor, r, min_pixels, max_pixels) for r in records]
+    lettered = (
+        [encode_prompt(processor, lettered_variant(r), min_pixels, max_pixels) for r in records]
+        if lettered_fraction > 0
+        else []
+    )
     log(f"[warmup] {len(records)} training records encoded in {time.perf_counter() - t_start:.1f} s")
 
     rng = random.Random(f"visualthinker-warmup/{seed}")
@@ -219,12 +252,12 @@ def warmup(
         tokens_seen, t_train, t_log, tokens_log = 0, time.perf_counter(), time.perf_counter(), 0
         for step, idx in enumerate(batches):
             completions = [
-                tokenizer.encode(target_completion(records[i], rng), add_special_tokens=False) + [eos_id]
+                tokenizer.encode(target_completion(records[i], rng, gold_answers), add_special_tokens=False)
+                + [eos_id]
                 for i in idx
             ]
-            batch = build_batch(
-                [encoded[i] for i in idx], completions, eos_id, image_token_id, video_token_id
-            )
+            prompts = [lettered[i] if rng.random() < lettered_fraction else encoded[i] for i in idx]
+            batch = build_batch(prompts, completions, eos_id, image_token_id, video_token_id)
             mask = batch.pop("completion_mask")
             logits = model(**batch, use_cache=False).logits[:, :-1].float()
             nll = torch.nn.functional.cross_entropy(
@@ -258,7 +291,7 @@ def warmup(
     tail = losses[-min(10, len(losses)) :]
     head = losses[: min(10, len(losses))]
     summary = {
-        "kind": "format-warmup",
+        "kind": "gold-answer-sft" if gold_answers else "format-warmup",
         "settings": asdict(settings),
         "records": len(records),
         "chance_accuracy": chance_accuracy(records),

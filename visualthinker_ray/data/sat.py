@@ -100,7 +100,7 @@ def sat_record(
         choices=tuple(options),
         question_type=question_type,
         source="SAT",
-        meta={"split": split, "row": row_index},
+        meta={"split": split, "row": row_index, "raw_question": question},
     )
 
 
