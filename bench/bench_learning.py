@@ -104,10 +104,10 @@ def run_seed(seed: int, args, data_dir: Path, py: str) -> dict:
     }
 
 
-def mean_sd(values: list[float]) -> str:
+def mean_sd(values: list[float], fmt: str = ".3f") -> str:
     if len(values) < 2:
-        return f"{values[0]:.3f}"
-    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return f"{values[0]:{fmt}}"
+    return f"{statistics.fmean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
 
 
 def main() -> None:
@@ -160,7 +160,7 @@ def main() -> None:
         "eval_start": mean_sd([r["eval_start"] for r in rows]),
         "eval_end": mean_sd([r["eval_end"] for r in rows]),
         "gain_over_chance_end": mean_sd([r["eval_end"] - chance for r in rows]),
-        "total_s": mean_sd([r["total_s"] for r in rows]),
+        "total_s": mean_sd([r["total_s"] for r in rows], ".0f"),
     }
     print(
         f"| mean ± sd | | {summary['eval_start']} | {summary['eval_end']} | | | {summary['total_s']} |\n"
