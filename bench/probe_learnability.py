@@ -36,7 +36,7 @@ from PIL import Image
 from visualthinker_ray import warmup as wu
 from visualthinker_ray.data.sat import load_sat
 from visualthinker_ray.models import load_model, load_processor
-from visualthinker_ray.sequences import build_batch, encode_prompt
+from visualthinker_ray.sequences import build_batch, completion_logprobs, encode_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,29 +48,30 @@ def blank_like(image_bytes: bytes) -> bytes:
     return buf.getvalue()
 
 
+def load(model_dir: str):
+    """The processor and the model (eval mode) of a checkpoint, loaded once for all probes."""
+    proc = load_processor(model_dir, wu.DEFAULT_MIN_PIXELS, wu.DEFAULT_MAX_PIXELS)
+    return proc, load_model(model_dir).eval()
+
+
 @torch.no_grad()
-def option_accuracy(model_dir: str, records, blank: bool) -> dict[str, float]:
+def option_accuracy(proc, model, records, blank: bool) -> dict[str, float]:
     """Teacher-forced accuracy per question type (argmax over options of the answer's log-prob)."""
-    lo, hi = wu.DEFAULT_MIN_PIXELS, wu.DEFAULT_MAX_PIXELS
-    proc = load_processor(model_dir, lo, hi)
     tok = proc.tokenizer
     image_id = tok.convert_tokens_to_ids("<|image_pad|>")
-    model = load_model(model_dir).eval()
     right: dict[str, list[bool]] = defaultdict(list)
     for r in records:
         if blank:
             r = replace(r, images=tuple(blank_like(b) for b in r.images))
-        enc = encode_prompt(proc, r, lo, hi)
+        enc = encode_prompt(proc, r, wu.DEFAULT_MIN_PIXELS, wu.DEFAULT_MAX_PIXELS)
         reasoning = wu.reasoning_text(r, random.Random(0))  # the same text before every option
         comps = [
             tok.encode(f"{reasoning}</think>\n<answer> {o}</answer>", add_special_tokens=False)
             for o in r.choices
         ]
         batch = build_batch([enc] * len(comps), comps, tok.eos_token_id, image_id)
-        mask = batch.pop("completion_mask")
-        logp = torch.log_softmax(model(**batch, use_cache=False).logits[:, :-1].float(), -1)
-        token_logp = logp.gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
-        best = int((token_logp * mask).sum(-1).argmax())
+        token_logp = completion_logprobs(model, batch)
+        best = int((token_logp * batch["completion_mask"]).sum(-1).argmax())
         right[r.question_type].append(r.choices[best] == r.gold)
     out = {t: statistics.fmean(v) for t, v in sorted(right.items())}
     out["overall"] = statistics.fmean(x for v in right.values() for x in v)
@@ -78,14 +79,11 @@ def option_accuracy(model_dir: str, records, blank: bool) -> dict[str, float]:
 
 
 @torch.no_grad()
-def vision_token_cosine(model_dir: str, records) -> float:
+def vision_token_cosine(proc, model, records) -> float:
     """Mean pairwise cosine between the vision tower's output tokens, averaged over images."""
-    lo, hi = wu.DEFAULT_MIN_PIXELS, wu.DEFAULT_MAX_PIXELS
-    proc = load_processor(model_dir, lo, hi)
-    model = load_model(model_dir).eval()
     values = []
     for r in records:
-        enc = encode_prompt(proc, r, lo, hi)
+        enc = encode_prompt(proc, r, wu.DEFAULT_MIN_PIXELS, wu.DEFAULT_MAX_PIXELS)
         feats = model.model.visual(enc.pixel_values, grid_thw=enc.image_grid_thw)
         feats = getattr(feats, "pooler_output", feats)
         f = torch.nn.functional.normalize(feats.float(), dim=-1)
@@ -115,10 +113,11 @@ def main() -> None:
     results = {}
     for name, model_dir in rows.items():
         print(f"[probe] measuring {name} ...", flush=True)
+        proc, model = load(model_dir)
         results[name] = {
-            "with_image": option_accuracy(model_dir, val, blank=False),
-            "blank_image": option_accuracy(model_dir, val, blank=True),
-            "vision_token_cosine": vision_token_cosine(model_dir, val[:16]),
+            "with_image": option_accuracy(proc, model, val, blank=False),
+            "blank_image": option_accuracy(proc, model, val, blank=True),
+            "vision_token_cosine": vision_token_cosine(proc, model, val[:16]),
         }
     types = list(next(iter(results.values()))["with_image"])
     print(f"\nteacher-forced accuracy on {len(val)} held-out SAT rows; chance {wu.chance_accuracy(val):.3f}")

@@ -108,7 +108,7 @@ def target_completion(record: PromptRecord, rng: random.Random, gold: bool = Fal
     if not record.choices:
         raise ValueError(f"record {record.id}: the warm-up needs multiple-choice records (no choices)")
     reasoning = reasoning_text(record, rng)
-    answer = rng.choice(record.choices)
+    answer = rng.choice(record.choices)  # drawn even with `gold`: both runs then see the same texts
     if gold:  # the supervised upper bound (bench/probe_learnability.py), never the RL start
         answer = record.gold
     # A space before the option: the tiny BPE only knows the option words with a leading space
@@ -206,8 +206,8 @@ def warmup(
     training all derive from it). A ``lettered_fraction`` of the examples show the question the
     CV-Bench way (``lettered_variant``), so that the evaluation's prompt layout is known too.
     ``gold_answers`` trains on the GOLD option instead: a diagnostic (how much can this model learn
-    from the images when told the answer?), not a starting point for RL. Writes an HF checkpoint (model + processor) and ``warmup.json`` to
-    ``out_dir``; returns that JSON's content.
+    from the images when told the answer?), not a starting point for RL. Writes an HF checkpoint
+    (model + processor) and ``warmup.json`` to ``out_dir``; returns that JSON's content.
     """
     from visualthinker_ray.data.sat import load_sat
     from visualthinker_ray.models import load_model, load_processor
