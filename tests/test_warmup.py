@@ -107,6 +107,17 @@ def test_a_record_without_choices_is_refused():
         wu.target_completion(_record([], "x"), random.Random(0))
 
 
+def test_gold_targets_answer_the_gold_and_keep_the_random_run_texts(train_records):
+    # one generator through many records, as in the warm-up loop: the gold run draws the same
+    # random numbers, so every reasoning text matches the random-answer run's; only answers differ
+    rng_random, rng_gold = random.Random(9), random.Random(9)
+    for record in train_records[:30]:
+        random_text = wu.target_completion(record, rng_random)
+        gold_text = wu.target_completion(record, rng_gold, gold=True)
+        assert extract_answer(gold_text) == record.gold
+        assert gold_text.partition("<answer>")[0] == random_text.partition("<answer>")[0]
+
+
 def test_lettered_variant_shows_the_question_the_cvbench_way(train_records):
     from visualthinker_ray.data.sat import format_sat_question
     from visualthinker_ray.evaluate import cvbench_correct
