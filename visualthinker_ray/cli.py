@@ -31,6 +31,7 @@ def cmd_make_tiny_model(args) -> int:
         num_layers=args.layers,
         vision_depth=args.vision_depth,
         vision_embed_dim=args.vision_width,
+        init=args.init,
     )
     size_mb = sum(f.stat().st_size for f in out.iterdir()) / 2**20
     print(f"tiny Qwen2-VL written to {out} ({size_mb:.1f} MB, {time.time() - t0:.1f} s, seed {args.seed})")
@@ -142,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=2, help="decoder layers")
     p.add_argument("--vision-depth", type=int, default=2, help="vision transformer blocks")
     p.add_argument("--vision-width", type=int, default=32, help="vision embedding width (a multiple of 16)")
+    p.add_argument(
+        "--init",
+        choices=("hf", "fan_in"),  # models.INITS (not imported here: torch is slow to import)
+        default="hf",
+        help="weight init: hf (std 0.02) or fan_in (std 1/sqrt(fan_in); image features reach the LM)",
+    )
     p.set_defaults(func=cmd_make_tiny_model)
 
     p = sub.add_parser("make-synthetic", help="render synthetic SAT- and CV-Bench-format parquet data")
