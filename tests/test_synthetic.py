@@ -315,3 +315,15 @@ def test_question_types_are_spread_in_the_written_split():
     counts = Counter(cols["question_type"])
     assert set(counts) == set(syn.QUESTION_TYPES)
     assert min(counts.values()) >= 8  # about 20 each
+
+
+def test_one_object_color_question_shows_its_gold_colour_among_three_distinct_options():
+    golds = Counter()
+    for i in range(60):
+        q = syn.make_one_object_color_question(random.Random(i))
+        (scene,) = q.scenes
+        (obj,) = scene.objects
+        assert q.correct_answer == obj.color and len(set(q.answers)) == 3 and q.correct_answer in q.answers
+        assert syn.COLORS[obj.color] in {rgb for _, rgb in syn.render_scene(scene).getcolors(10_000)}
+        golds[q.answers.index(q.correct_answer)] += 1
+    assert len(golds) == 3  # the gold is not always in the same position

@@ -341,6 +341,17 @@ def _distance_question(rng: random.Random, image_size: int) -> SyntheticQuestion
     return SyntheticQuestion("Distance", question, options, near.name, (scene,))
 
 
+def make_one_object_color_question(rng: random.Random, image_size: int = 112) -> SyntheticQuestion:
+    """The simplest perception readout: one object, "What color is the object?", three colours.
+
+    Not part of the SAT or CV-Bench sets: benchmarks use it to ask whether a model can see at all.
+    """
+    color, shape = rng.choice(COLOR_NAMES), rng.choice(SHAPES)
+    scene = _scene(rng, image_size, [(shape, color)])
+    options = [color, *rng.sample([c for c in COLOR_NAMES if c != color], 2)]
+    return SyntheticQuestion("color", "What color is the object?", _shuffled(rng, options), color, (scene,))
+
+
 def make_motion_question(rng: random.Random, image_size: int = 112) -> SyntheticQuestion:
     """A two-image question: one object moves left or right between the frames, the rest stay."""
     gold = rng.choice(("left", "right"))

@@ -1,0 +1,120 @@
+"""How fast can the tiny model learn to see? HF init vs fan-in init (make-tiny-model --init).
+
+Run: .venv/bin/python bench/bench_init.py [--steps 800] [--seed 0]
+
+The simplest perception readout there is: one object on a plain background, "What color is the
+object?" with three colour options, in the exact SAT training prompt (R1-Zero template, 112 px
+image, 16 vision tokens). Each init trains the same tiny model (same seed, same batches) with the
+warm-up's supervised loss on the GOLD answer, and reports the share of batches whose whole
+completion (format and answer) is predicted exactly, per 100-step window. With the format
+learned, guessing scores 1/6 (any of the six colours) to 1/3 (one of the three options). Prints a
+table and writes bench/results/init.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from visualthinker_ray.data.sat import sat_record
+from visualthinker_ray.data.synthetic import make_one_object_color_question, scene_png
+from visualthinker_ray.models import INITS, load_model, load_processor, make_tiny_model
+from visualthinker_ray.sequences import build_batch, encode_prompt
+from visualthinker_ray.warmup import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+
+ROOT = Path(__file__).resolve().parents[1]
+WINDOW = 100
+
+
+def color_records(n: int, seed: int) -> list:
+    records = []
+    for i in range(n):
+        q = make_one_object_color_question(random.Random(f"bench-init/{seed}/{i}"))
+        row = {
+            "image_bytes": [{"bytes": scene_png(s), "path": None} for s in q.scenes],
+            "question": q.question,
+            "answers": list(q.answers),
+            "question_type": q.question_type,
+            "correct_answer": q.correct_answer,
+        }
+        records.append(sat_record(row, i, "train", seed=seed))
+    return records
+
+
+def train_curve(
+    model_dir: str, records: list, steps: int, lr: float, batch_size: int, seed: int
+) -> list[float]:
+    """Exact-completion accuracy per WINDOW steps of gold-answer supervised training."""
+    proc = load_processor(model_dir, DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS)
+    tok = proc.tokenizer
+    torch.manual_seed(seed)
+    model = load_model(model_dir).train()
+    encoded = [encode_prompt(proc, r, DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS) for r in records]
+    targets = [tok.encode(f"</think>\n<answer> {r.gold}</answer>", add_special_tokens=False) for r in records]
+    image_id = tok.convert_tokens_to_ids("<|image_pad|>")
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    rng = random.Random(seed)
+    hits, curve = [], []
+    for step in range(steps):
+        idx = rng.sample(range(len(records)), batch_size)
+        batch = build_batch([encoded[i] for i in idx], [targets[i] for i in idx], tok.eos_token_id, image_id)
+        mask = batch.pop("completion_mask")
+        logits = model(**batch, use_cache=False).logits[:, :-1]
+        labels = batch["input_ids"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+        loss = (nll * mask).sum() / mask.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        exact = ((logits.argmax(-1) == labels) | (mask == 0)).all(-1)
+        hits.extend(exact.tolist())
+        if (step + 1) % WINDOW == 0:
+            curve.append(sum(hits[-WINDOW * batch_size :]) / (WINDOW * batch_size))
+            print(f"  step {step + 1}: exact {curve[-1]:.3f}  loss {loss.item():.3f}", flush=True)
+    return curve
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--rows", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--results", default=str(ROOT / "bench" / "results" / "init.json"))
+    args = p.parse_args()
+    if args.steps < WINDOW:
+        p.error(f"--steps must be at least {WINDOW}")
+
+    records = color_records(args.rows, args.seed)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for init in INITS:
+            print(f"[bench_init] init={init}: {args.steps} steps ...", flush=True)
+            model_dir = str(make_tiny_model(Path(tmp) / init, seed=args.seed, init=init))
+            t0 = time.time()
+            curve = train_curve(model_dir, records, args.steps, args.lr, args.batch_size, args.seed)
+            results[init] = {"curve": curve, "seconds": round(time.time() - t0, 1)}
+
+    ends = [f"{(i + 1) * WINDOW}" for i in range(args.steps // WINDOW)]
+    print("\nexact-completion accuracy (format + answer) per 100-step window; guessing: 1/6 to 1/3")
+    print("| init | " + " | ".join(ends) + " | seconds |")
+    print("|---|" + "---|" * (len(ends) + 1))
+    for init, r in results.items():
+        print(f"| {init} | " + " | ".join(f"{a:.2f}" for a in r["curve"]) + f" | {r['seconds']} |")
+    out = Path(args.results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"machine": platform.platform(), "threads": torch.get_num_threads(), **vars(args)}
+    out.write_text(json.dumps({"args": meta, "window": WINDOW, "results": results}, indent=2))
+    print(f"results written to {out}")
+
+
+if __name__ == "__main__":
+    main()
