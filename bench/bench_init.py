@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from visualthinker_ray.data.sat import sat_record
-from visualthinker_ray.data.synthetic import make_one_object_color_question, scene_png
+from visualthinker_ray.data.synthetic import make_one_object_color_question, sat_row
 from visualthinker_ray.models import INITS, load_model, load_processor, make_tiny_model
 from visualthinker_ray.sequences import build_batch, encode_prompt
 from visualthinker_ray.warmup import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
@@ -34,18 +34,8 @@ WINDOW = 100
 
 
 def color_records(n: int, seed: int) -> list:
-    records = []
-    for i in range(n):
-        q = make_one_object_color_question(random.Random(f"bench-init/{seed}/{i}"))
-        row = {
-            "image_bytes": [{"bytes": scene_png(s), "path": None} for s in q.scenes],
-            "question": q.question,
-            "answers": list(q.answers),
-            "question_type": q.question_type,
-            "correct_answer": q.correct_answer,
-        }
-        records.append(sat_record(row, i, "train", seed=seed))
-    return records
+    questions = [make_one_object_color_question(random.Random(f"bench-init/{seed}/{i}")) for i in range(n)]
+    return [sat_record(sat_row(q), i, "train", seed=seed) for i, q in enumerate(questions)]
 
 
 def train_curve(

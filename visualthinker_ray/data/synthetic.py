@@ -464,6 +464,17 @@ def _image_item(scene: Scene) -> dict:
     return {"bytes": scene_png(scene), "path": None}
 
 
+def sat_row(q: SyntheticQuestion) -> dict:
+    """One question as a row of HF `array/SAT` (the `sat_features` columns)."""
+    return {
+        "image_bytes": [_image_item(s) for s in q.scenes],
+        "question": q.question,
+        "answers": list(q.answers),
+        "question_type": q.question_type,
+        "correct_answer": q.correct_answer,
+    }
+
+
 def sat_columns(
     n: int, split: str, seed: int = 0, image_size: int = 112, multi_image: bool = False
 ) -> dict[str, list]:
@@ -474,11 +485,8 @@ def sat_columns(
         # Row 3, 23, 43, ...: even a small file gets a two-image row for the loader to skip.
         two = multi_image and i % MULTI_IMAGE_EVERY == 3
         q = make_motion_question(rng, image_size) if two else make_question(rng, image_size=image_size)
-        cols["image_bytes"].append([_image_item(s) for s in q.scenes])
-        cols["question"].append(q.question)
-        cols["answers"].append(list(q.answers))
-        cols["question_type"].append(q.question_type)
-        cols["correct_answer"].append(q.correct_answer)
+        for key, value in sat_row(q).items():
+            cols[key].append(value)
     return cols
 
 
