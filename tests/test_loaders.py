@@ -185,6 +185,30 @@ def test_a_missing_column_is_named(tmp_path, cache):
         load_sat(path, cache_dir=cache)
 
 
+def test_empty_and_non_parquet_files_are_named(tmp_path, cache):
+    # An all-3D CV-Bench once left an empty test_2d.parquet; `datasets` then said only
+    # 'Instruction "test" corresponds to no data!'.
+    empty = tmp_path / "CV-Bench"
+    empty.mkdir()
+    Dataset.from_dict({k: [] for k in syn.cvbench_features()}, features=syn.cvbench_features()).to_parquet(
+        str(empty / "test_2d.parquet")
+    )
+    syn.write_cvbench(tmp_path / "full", 4, seed=0)
+    (empty / "test_3d.parquet").write_bytes((tmp_path / "full" / "test_3d.parquet").read_bytes())
+    with pytest.raises(ValueError, match=r"test_2d\.parquet has no rows"):
+        load_cvbench(empty, cache_dir=cache)
+    garbage = tmp_path / "SAT_train.parquet"
+    garbage.write_bytes(b"not parquet at all")
+    with pytest.raises(ValueError, match=r"SAT_train\.parquet is not a readable parquet file"):
+        load_sat(garbage, cache_dir=cache)
+
+
+def test_the_split_cvbench_layout_refuses_to_write_an_empty_file(tmp_path):
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        syn.write_cvbench(tmp_path, 1, layout="split")
+    assert syn.write_cvbench(tmp_path, 1, layout="single") == {"test.parquet": {"rows": 1}}
+
+
 def test_missing_paths_say_what_is_expected(tmp_path, cache):
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match="nowhere") as e:

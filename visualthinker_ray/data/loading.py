@@ -57,8 +57,15 @@ def missing_source_error(source: str | Path, expected: str) -> FileNotFoundError
 
 def load_parquet(path: str | Path, split: str = "train", cache_dir: str | None = None):
     """A local parquet file as an HF Dataset, through `datasets`' own parquet builder."""
+    import pyarrow.parquet as pq
     from datasets import load_dataset
 
+    try:
+        rows = pq.ParquetFile(path).metadata.num_rows
+    except Exception as e:  # not parquet at all: say which file, not the builder's internals
+        raise ValueError(f"{path} is not a readable parquet file ({e})") from e
+    if rows == 0:  # `datasets` would say 'Instruction "train" corresponds to no data!'
+        raise ValueError(f"{path} has no rows; regenerate or remove it")
     return load_dataset("parquet", data_files={split: str(path)}, split=split, cache_dir=cache_dir)
 
 

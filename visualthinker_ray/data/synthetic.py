@@ -553,6 +553,8 @@ def write_cvbench(
     layout) or one test.parquet ("single", the older layout). idx runs 0..n-1, 2D rows first."""
     if layout not in ("split", "single"):
         raise ValueError(f"layout must be 'split' or 'single', got {layout!r}")
+    if layout == "split" and n < 2:  # each file needs a row: an empty parquet cannot be loaded
+        raise ValueError(f"the split CV-Bench layout needs at least 2 rows (one 2D, one 3D), got {n}")
     out = Path(out_dir)
     tasks_2d, sources_2d, tasks_3d, sources_3d = _cvbench_plan(n)
     cols_2d = cvbench_columns(tasks_2d, sources_2d, 0, seed, image_size)
