@@ -204,7 +204,7 @@ def test_empty_and_non_parquet_files_are_named(tmp_path, cache):
 
 
 def test_the_split_cvbench_layout_refuses_to_write_an_empty_file(tmp_path):
-    with pytest.raises(ValueError, match="at least 2 rows"):
+    with pytest.raises(ValueError, match="needs 2D and 3D rows"):
         syn.write_cvbench(tmp_path, 1, layout="split")
     assert syn.write_cvbench(tmp_path, 1, layout="single") == {"test.parquet": {"rows": 1}}
 

@@ -11,7 +11,10 @@ import pytest
 from datasets import Features, Image, Sequence, Value, load_dataset
 from PIL import Image as PILImage
 
+from visualthinker_ray.cli import main as cli_main
 from visualthinker_ray.data import synthetic as syn
+from visualthinker_ray.data.cvbench import load_cvbench
+from visualthinker_ray.data.sat import load_sat
 
 # The published columns, written out here independently of the generator.
 SAT_FEATURES = Features(
@@ -327,3 +330,45 @@ def test_one_object_color_question_shows_its_gold_colour_among_three_distinct_op
         assert syn.COLORS[obj.color] in {rgb for _, rgb in syn.render_scene(scene).getcolors(10_000)}
         golds[q.answers.index(q.correct_answer)] += 1
     assert len(golds) == 3  # the gold is not always in the same position
+
+
+# ---------------------------------------------------------------- focused data (one family)
+
+
+def test_question_types_and_cvbench_tasks_narrow_the_data(tmp_path):
+    default = syn.sat_columns(30, "train", seed=5, multi_image=True)
+    assert default == syn.sat_columns(30, "train", seed=5, multi_image=True, question_types=None)
+    narrow = syn.sat_columns(30, "train", seed=5, multi_image=True, question_types=("size", "count"))
+    one_image = [
+        t for t, imgs in zip(narrow["question_type"], narrow["image_bytes"], strict=True) if len(imgs) == 1
+    ]
+    assert set(one_image) == {"size", "count"}
+    assert syn.MOTION_TYPE in narrow["question_type"]  # the two-image rows the loader skips stay
+
+    summary = syn.make_synthetic(
+        tmp_path / "d", n_train=12, n_test=6, seed=0, question_types=("size",), cvbench_tasks=("Depth",)
+    )
+    assert set(summary["files"]) >= {"SAT/SAT_train.parquet", "CV-Bench/test.parquet"}  # 3D only: one file
+    cvb = load_cvbench(tmp_path / "d" / "CV-Bench", cache_dir=str(tmp_path / "c"))
+    assert [r.question_type for r in cvb.records] == ["Depth"] * 6
+    sat = load_sat(tmp_path / "d" / "SAT", "val", cache_dir=str(tmp_path / "c"))
+    assert {r.question_type for r in sat.records} == {"size"}
+
+    mixed = syn._cvbench_plan(6, ("Count", "Depth"))
+    assert mixed[0] == ["Count"] * 3 and mixed[2] == ["Depth"] * 3
+    with pytest.raises(ValueError, match="question_types must be a non-empty subset"):
+        syn.sat_columns(2, "train", question_types=("colour",))
+    with pytest.raises(ValueError, match="tasks must be a non-empty subset"):
+        syn.write_cvbench(tmp_path / "e", 4, tasks=("Size",))
+    with pytest.raises(ValueError, match="needs 2D and 3D rows"):
+        syn.write_cvbench(tmp_path / "f", 4, tasks=("Depth",))
+
+
+def test_make_synthetic_cli_takes_the_family_options(tmp_path):
+    rc = cli_main(["make-synthetic", "--out", str(tmp_path / "g"), "--train", "8", "--test", "4",
+                   "--question-types", "color", "--cvbench-tasks", "Count", "Relation"])  # fmt: skip
+    assert rc == 0
+    cvb = load_cvbench(tmp_path / "g" / "CV-Bench", cache_dir=str(tmp_path / "c"))
+    assert sorted(r.question_type for r in cvb.records) == ["Count", "Count", "Relation", "Relation"]
+    with pytest.raises(SystemExit):
+        cli_main(["make-synthetic", "--out", str(tmp_path / "h"), "--question-types", "nonsense"])

@@ -41,7 +41,10 @@ def cmd_make_tiny_model(args) -> int:
 def cmd_make_synthetic(args) -> int:
     from visualthinker_ray.data.synthetic import make_synthetic
 
-    make_synthetic(args.out, n_train=args.train, n_test=args.test, seed=args.seed, image_size=args.image_size)
+    make_synthetic(
+        args.out, n_train=args.train, n_test=args.test, seed=args.seed, image_size=args.image_size,
+        question_types=args.question_types, cvbench_tasks=args.cvbench_tasks,
+    )  # fmt: skip
     return 0
 
 
@@ -157,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", type=int, default=128, help="CV-Bench rows (and SAT val/test rows)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=112, help="square image side in pixels")
+    from visualthinker_ray.data.synthetic import add_family_options  # PIL only: cheap at start-up
+
+    add_family_options(p)
     p.set_defaults(func=cmd_make_synthetic)
 
     p = sub.add_parser("generate", help="a graded generation pass over training prompts, printed as a table")

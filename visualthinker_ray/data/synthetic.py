@@ -475,16 +475,32 @@ def sat_row(q: SyntheticQuestion) -> dict:
     }
 
 
+def _check_subset(given: tuple[str, ...] | list[str] | None, known: tuple[str, ...], what: str) -> None:
+    if given is not None and (not given or any(g not in known for g in given)):
+        raise ValueError(f"{what} must be a non-empty subset of {list(known)}, got {list(given)}")
+
+
 def sat_columns(
-    n: int, split: str, seed: int = 0, image_size: int = 112, multi_image: bool = False
+    n: int,
+    split: str,
+    seed: int = 0,
+    image_size: int = 112,
+    multi_image: bool = False,
+    question_types: tuple[str, ...] | None = None,
 ) -> dict[str, list]:
-    """The columns of n SAT rows; with multi_image, one row in MULTI_IMAGE_EVERY has two images."""
+    """The columns of n SAT rows; with multi_image, one row in MULTI_IMAGE_EVERY has two images.
+
+    question_types: draw the one-image questions from these types only (default: all of
+    QUESTION_TYPES; the rows are then the same as before the option existed).
+    """
+    _check_subset(question_types, QUESTION_TYPES, "question_types")
     cols: dict[str, list] = {k: [] for k in sat_features()}
     for i in range(n):
         rng = _row_rng(seed, f"sat-{split}", i)
         # Row 3, 23, 43, ...: even a small file gets a two-image row for the loader to skip.
         two = multi_image and i % MULTI_IMAGE_EVERY == 3
-        q = make_motion_question(rng, image_size) if two else make_question(rng, image_size=image_size)
+        qtype = rng.choice(question_types) if question_types and not two else None
+        q = make_motion_question(rng, image_size) if two else make_question(rng, qtype, image_size)
         for key, value in sat_row(q).items():
             cols[key].append(value)
     return cols
@@ -523,6 +539,7 @@ def write_sat(
     n_static: int | None = None,
     seed: int = 0,
     image_size: int = 112,
+    question_types: tuple[str, ...] | None = None,
 ) -> dict[str, dict[str, int]]:
     """SAT_{train,val,test,static}.parquet in out_dir. Only train has two-image rows (about 5%)."""
     out = Path(out_dir)
@@ -530,33 +547,50 @@ def write_sat(
     sizes = {"train": n_train, "val": n_val, "test": n_test, "static": n_static}
     written = {}
     for split, n in sizes.items():
-        cols = sat_columns(n, split, seed, image_size, multi_image=split == "train")
+        cols = sat_columns(n, split, seed, image_size, split == "train", question_types)
         name = f"SAT_{split}.parquet"
         rows = _write(cols, sat_features(), out / name)
         written[name] = {"rows": rows, "two_image_rows": sum(len(x) > 1 for x in cols["image_bytes"])}
     return written
 
 
-def _cvbench_plan(n: int) -> tuple[list[str], list[str], list[str], list[str]]:
-    """Tasks and sources of n CV-Bench rows: half 2D (then 3D), tasks and 2D sources alternating."""
-    n2d = (n + 1) // 2
-    tasks_2d = [CVBENCH_2D_TASKS[i % 2] for i in range(n2d)]
-    sources_2d = [("ADE20K", "COCO")[(i // 2) % 2] for i in range(n2d)]
-    tasks_3d = [CVBENCH_3D_TASKS[i % 2] for i in range(n - n2d)]
+def _cvbench_plan(n: int, tasks: tuple[str, ...] | None = None) -> tuple[list, list, list, list]:
+    """Tasks and sources of n CV-Bench rows: half 2D (then 3D), tasks and 2D sources alternating.
+
+    With `tasks`, rows cycle through those tasks only (2D rows still first)."""
+    if tasks is not None:
+        cycle = [tasks[i % len(tasks)] for i in range(n)]
+        tasks_2d = [t for t in cycle if t in CVBENCH_2D_TASKS]
+        tasks_3d = [t for t in cycle if t not in CVBENCH_2D_TASKS]
+    else:
+        n2d = (n + 1) // 2
+        tasks_2d = [CVBENCH_2D_TASKS[i % 2] for i in range(n2d)]
+        tasks_3d = [CVBENCH_3D_TASKS[i % 2] for i in range(n - n2d)]
+    sources_2d = [("ADE20K", "COCO")[(i // 2) % 2] for i in range(len(tasks_2d))]
     return tasks_2d, sources_2d, tasks_3d, ["Omni3D"] * len(tasks_3d)
 
 
 def write_cvbench(
-    out_dir: str | Path, n: int, seed: int = 0, image_size: int = 112, layout: str = "split"
+    out_dir: str | Path,
+    n: int,
+    seed: int = 0,
+    image_size: int = 112,
+    layout: str = "split",
+    tasks: tuple[str, ...] | None = None,
 ) -> dict[str, dict[str, int]]:
     """CV-Bench files in out_dir: test_2d.parquet + test_3d.parquet ("split", the current hub
-    layout) or one test.parquet ("single", the older layout). idx runs 0..n-1, 2D rows first."""
+    layout) or one test.parquet ("single", the older layout). idx runs 0..n-1, 2D rows first.
+    `tasks`: only these CV-Bench tasks (default: all four, balanced)."""
     if layout not in ("split", "single"):
         raise ValueError(f"layout must be 'split' or 'single', got {layout!r}")
-    if layout == "split" and n < 2:  # each file needs a row: an empty parquet cannot be loaded
-        raise ValueError(f"the split CV-Bench layout needs at least 2 rows (one 2D, one 3D), got {n}")
+    _check_subset(tasks, CVBENCH_2D_TASKS + CVBENCH_3D_TASKS, "tasks")
+    tasks_2d, sources_2d, tasks_3d, sources_3d = _cvbench_plan(n, tasks)
+    if layout == "split" and not (tasks_2d and tasks_3d):  # an empty parquet cannot be loaded
+        raise ValueError(
+            f"the split CV-Bench layout needs 2D and 3D rows (got {len(tasks_2d)} and {len(tasks_3d)}); "
+            "use layout='single' for fewer rows or tasks of one kind"
+        )
     out = Path(out_dir)
-    tasks_2d, sources_2d, tasks_3d, sources_3d = _cvbench_plan(n)
     cols_2d = cvbench_columns(tasks_2d, sources_2d, 0, seed, image_size)
     cols_3d = cvbench_columns(tasks_3d, sources_3d, len(tasks_2d), seed, image_size)
     if layout == "single":
@@ -576,17 +610,24 @@ def make_synthetic(
     image_size: int = 112,
     n_val: int | None = None,
     cvbench_layout: str = "split",
+    question_types: tuple[str, ...] | None = None,
+    cvbench_tasks: tuple[str, ...] | None = None,
 ) -> dict:
     """Write out_dir/SAT/ (train, val, test, static) and out_dir/CV-Bench/ (n_test rows).
 
-    n_val defaults to n_test; SAT_static gets n_train one-image rows. Prints one line per file and
-    returns {"out_dir", "files": {relative path: {"rows", ...}}}.
+    n_val defaults to n_test; SAT_static gets n_train one-image rows. `question_types` and
+    `cvbench_tasks` narrow the data to some families (a focused run); when CV-Bench then holds only
+    2D or only 3D tasks it is written as one test.parquet. Prints one line per file and returns {"out_dir", "files": {relative path: {"rows", ...}}}.
     """
     out = Path(out_dir)
     n_val = n_test if n_val is None else n_val
-    sat = write_sat(out / "SAT", n_train, n_val, n_test, seed=seed, image_size=image_size)
+    sat = write_sat(
+        out / "SAT", n_train, n_val, n_test, seed=seed, image_size=image_size, question_types=question_types
+    )
     files = {f"SAT/{name}": info for name, info in sat.items()}
-    cvb = write_cvbench(out / "CV-Bench", n_test, seed=seed, image_size=image_size, layout=cvbench_layout)
+    if len({t in CVBENCH_2D_TASKS for t in cvbench_tasks or ()}) == 1:
+        cvbench_layout = "single"  # only 2D or only 3D tasks: the split layout would leave a file empty
+    cvb = write_cvbench(out / "CV-Bench", n_test, seed, image_size, cvbench_layout, cvbench_tasks)
     for name, info in cvb.items():
         files[f"CV-Bench/{name}"] = info
     for rel, info in files.items():
@@ -594,6 +635,18 @@ def make_synthetic(
         size_kb = (out / rel).stat().st_size / 1024
         print(f"[synthetic] {out / rel}: {info['rows']} rows{extra}, {size_kb:.0f} KiB")
     return {"out_dir": str(out), "files": files}
+
+
+def add_family_options(p: argparse.ArgumentParser) -> None:
+    """--question-types / --cvbench-tasks, shared by this module's CLI and `make-synthetic`."""
+    p.add_argument(
+        "--question-types", nargs="+", choices=QUESTION_TYPES, default=None,
+        help="SAT question types to draw (default: all)",
+    )  # fmt: skip
+    p.add_argument(
+        "--cvbench-tasks", nargs="+", choices=CVBENCH_2D_TASKS + CVBENCH_3D_TASKS, default=None,
+        help="CV-Bench tasks to write (default: all four)",
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -605,8 +658,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=112)
     p.add_argument("--cvbench-layout", choices=("split", "single"), default="split")
+    add_family_options(p)
     a = p.parse_args(argv)
-    make_synthetic(a.out_dir, a.n_train, a.n_test, a.seed, a.image_size, a.n_val, a.cvbench_layout)
+    make_synthetic(
+        a.out_dir, a.n_train, a.n_test, a.seed, a.image_size, a.n_val, a.cvbench_layout,
+        a.question_types, a.cvbench_tasks,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
