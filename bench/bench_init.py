@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 
 import torch
+from gold_training import train_curve  # bench/ is on sys.path when a bench script runs
 
 from visualthinker_ray.data.sat import sat_record
 from visualthinker_ray.data.synthetic import make_one_object_color_question, sat_row
 from visualthinker_ray.models import INITS, load_model, load_processor, make_tiny_model
-from visualthinker_ray.sequences import build_batch, encode_prompt
 from visualthinker_ray.warmup import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,39 +36,6 @@ WINDOW = 100
 def color_records(n: int, seed: int) -> list:
     questions = [make_one_object_color_question(random.Random(f"bench-init/{seed}/{i}")) for i in range(n)]
     return [sat_record(sat_row(q), i, "train", seed=seed) for i, q in enumerate(questions)]
-
-
-def train_curve(
-    model_dir: str, records: list, steps: int, lr: float, batch_size: int, seed: int
-) -> list[float]:
-    """Exact-completion accuracy per WINDOW steps of gold-answer supervised training."""
-    proc = load_processor(model_dir, DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS)
-    tok = proc.tokenizer
-    torch.manual_seed(seed)
-    model = load_model(model_dir).train()
-    encoded = [encode_prompt(proc, r, DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS) for r in records]
-    targets = [tok.encode(f"</think>\n<answer> {r.gold}</answer>", add_special_tokens=False) for r in records]
-    image_id = tok.convert_tokens_to_ids("<|image_pad|>")
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    rng = random.Random(seed)
-    hits, curve = [], []
-    for step in range(steps):
-        idx = rng.sample(range(len(records)), batch_size)
-        batch = build_batch([encoded[i] for i in idx], [targets[i] for i in idx], tok.eos_token_id, image_id)
-        mask = batch.pop("completion_mask")
-        logits = model(**batch, use_cache=False).logits[:, :-1]
-        labels = batch["input_ids"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
-        loss = (nll * mask).sum() / mask.sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        exact = ((logits.argmax(-1) == labels) | (mask == 0)).all(-1)
-        hits.extend(exact.tolist())
-        if (step + 1) % WINDOW == 0:
-            curve.append(sum(hits[-WINDOW * batch_size :]) / (WINDOW * batch_size))
-            print(f"  step {step + 1}: exact {curve[-1]:.3f}  loss {loss.item():.3f}", flush=True)
-    return curve
 
 
 def main() -> None:
@@ -90,7 +57,12 @@ def main() -> None:
             print(f"[bench_init] init={init}: {args.steps} steps ...", flush=True)
             model_dir = str(make_tiny_model(Path(tmp) / init, seed=args.seed, init=init))
             t0 = time.time()
-            curve = train_curve(model_dir, records, args.steps, args.lr, args.batch_size, args.seed)
+            processor = load_processor(model_dir, DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS)
+            torch.manual_seed(args.seed)
+            curve = train_curve(
+                load_model(model_dir), processor, records, args.steps, args.lr, args.batch_size,
+                args.seed, WINDOW, (DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS),
+            )  # fmt: skip
             results[init] = {"curve": curve, "seconds": round(time.time() - t0, 1)}
 
     ends = [f"{(i + 1) * WINDOW}" for i in range(args.steps // WINDOW)]

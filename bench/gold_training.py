@@ -1,0 +1,79 @@
+"""Gold-answer supervised training of a tiny model on SAT records: the upper bound of what RL could
+teach it, shared by bench_init.py and bench_task_learnability.py (not a benchmark itself).
+
+The loss is the warm-up's masked cross-entropy on the completion "</think>\\n<answer> {gold}</answer>"
+after the exact SAT training prompt (`encode_prompt`, the path the engines and learner use). A
+completion counts as right when every one of its tokens is the argmax under teacher forcing.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from visualthinker_ray.sequences import build_batch, encode_prompt
+
+
+def gold_target(tokenizer, record) -> list[int]:
+    return tokenizer.encode(f"</think>\n<answer> {record.gold}</answer>", add_special_tokens=False)
+
+
+def _batch(processor, encoded, targets, idx):
+    tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids("<|image_pad|>")
+    return build_batch([encoded[i] for i in idx], [targets[i] for i in idx], tok.eos_token_id, image_id)
+
+
+def exact_hits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, per-row exact-completion hits) for a batch from build_batch (mask popped inside)."""
+    mask = batch.pop("completion_mask")
+    logits = model(**batch, use_cache=False).logits[:, :-1]
+    labels = batch["input_ids"][:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+    loss = (nll * mask).sum() / mask.sum()
+    return loss, ((logits.argmax(-1) == labels) | (mask == 0)).all(-1)
+
+
+def train_curve(
+    model,
+    processor,
+    records: list,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    window: int,
+    pixels: tuple[int, int],
+) -> list[float]:
+    """Train `model` in place; exact-completion accuracy on the training batches per `window` steps."""
+    encoded = [encode_prompt(processor, r, *pixels) for r in records]
+    targets = [gold_target(processor.tokenizer, r) for r in records]
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    rng = random.Random(seed)
+    hits, curve = [], []
+    for step in range(steps):
+        idx = rng.sample(range(len(records)), batch_size)
+        loss, exact = exact_hits(model, _batch(processor, encoded, targets, idx))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        hits.extend(exact.tolist())
+        if (step + 1) % window == 0:
+            curve.append(sum(hits[-window * batch_size :]) / (window * batch_size))
+            print(f"  step {step + 1}: exact {curve[-1]:.3f}  loss {loss.item():.3f}", flush=True)
+    return curve
+
+
+@torch.no_grad()
+def heldout_accuracy(model, processor, records: list, pixels: tuple[int, int], batch_size: int = 32) -> float:
+    """Exact-completion accuracy on records the model never trained on."""
+    encoded = [encode_prompt(processor, r, *pixels) for r in records]
+    targets = [gold_target(processor.tokenizer, r) for r in records]
+    model.eval()
+    hits = []
+    for start in range(0, len(records), batch_size):
+        idx = list(range(start, min(start + batch_size, len(records))))
+        hits.extend(exact_hits(model, _batch(processor, encoded, targets, idx))[1].tolist())
+    return sum(hits) / len(hits)
