@@ -1,12 +1,15 @@
 """The toy-scale learning run (issue 6), end to end, for several seeds.
 
 Run: .venv/bin/python bench/bench_learning.py [--seeds 0 1 2] [--out artifacts/bench-learning]
-     [--config jobs/tiny_cpu.yaml] [--eval-every 20] [-- extra.train=overrides ...]
+     [--config jobs/tiny_cpu.yaml] [--eval-every 20] [--init hf|fan_in] [--warmup-steps 500]
+     [--warmup-lr 5e-3] [--question-types size ...] [--cvbench-tasks Depth ...]
+     [-- extra.train=overrides ...]
 
 Per seed, through the project's own commands (so this is exactly what a user runs):
   make-tiny-model --seed S -> warmup --seed S (format, random answers) -> train with data.seed=S,
   evaluating the held-out synthetic CV-Bench set before step 1, every --eval-every steps and at the end.
-The synthetic data is built once (seed 0) and shared. Prints a table of start/end held-out accuracy,
+The synthetic data is built once (seed 0) and shared; --question-types / --cvbench-tasks narrow it
+to some families (a focused run; reuse of --out keeps the data already there). Prints a table of start/end held-out accuracy,
 format and accuracy rewards and wall times, the mean and spread over seeds, writes
 bench/results/learning.json and one PNG per seed (the `plot` command) next to the run logs.
 """
@@ -62,10 +65,14 @@ def run_seed(seed: int, args, data_dir: Path, py: str) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     log_file = out / "commands.log"
     vtr = [py, "-m", "visualthinker_ray"]
-    t_model = sh([*vtr, "make-tiny-model", "--out", str(out / "tiny-model"), "--seed", str(seed)], log_file)
+    t_model = sh(
+        [*vtr, "make-tiny-model", "--out", str(out / "tiny-model"), "--seed", str(seed), "--init", args.init],
+        log_file,
+    )
     t_warm = sh(
         [*vtr, "warmup", "--model", str(out / "tiny-model"), "--data", str(data_dir / "SAT"),
-         "--out", str(out / "warm-model"), "--seed", str(seed), "--log-every", "100"],
+         "--out", str(out / "warm-model"), "--seed", str(seed), "--log-every", "100",
+         "--steps", str(args.warmup_steps), "--lr", str(args.warmup_lr)],
         log_file,
     )  # fmt: skip
     run_dir = out / "run"
@@ -118,6 +125,11 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--train-rows", type=int, default=512)
     p.add_argument("--test-rows", type=int, default=128)
+    p.add_argument("--init", choices=("hf", "fan_in"), default="hf", help="make-tiny-model --init")
+    p.add_argument("--warmup-steps", type=int, default=500, help="warmup --steps")
+    p.add_argument("--warmup-lr", type=float, default=5e-3, help="warmup --lr")
+    p.add_argument("--question-types", nargs="+", help="make-synthetic --question-types (default: all)")
+    p.add_argument("--cvbench-tasks", nargs="+", help="make-synthetic --cvbench-tasks (default: all)")
     p.add_argument("--results", default=str(ROOT / "bench" / "results" / "learning.json"))
     p.add_argument("overrides", nargs="*", help="extra dotted overrides for `train` (after --)")
     args = p.parse_args()
@@ -125,9 +137,11 @@ def main() -> None:
     data_dir = Path(args.out) / "data"
     t0 = time.perf_counter()
     if not (data_dir / "SAT" / "SAT_train.parquet").exists():
+        families = [*(["--question-types", *args.question_types] if args.question_types else []),
+                    *(["--cvbench-tasks", *args.cvbench_tasks] if args.cvbench_tasks else [])]  # fmt: skip
         sh(
             [py, "-m", "visualthinker_ray", "make-synthetic", "--out", str(data_dir),
-             "--train", str(args.train_rows), "--test", str(args.test_rows), "--seed", "0"],
+             "--train", str(args.train_rows), "--test", str(args.test_rows), "--seed", "0", *families],
             Path(args.out) / "data.log",
         )  # fmt: skip
     chance = chance_of(data_dir)
@@ -170,6 +184,8 @@ def main() -> None:
         "bench": "learning",
         "config": args.config,
         "overrides": args.overrides,
+        "start": {k: getattr(args, k) for k in ("init", "warmup_steps", "warmup_lr", "train_rows")},
+        "families": {"question_types": args.question_types, "cvbench_tasks": args.cvbench_tasks},
         "chance": chance,
         "seeds": rows,
         "summary": summary,
