@@ -14,15 +14,13 @@ table and writes bench/results/init.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import random
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from gold_training import train_curve  # bench/ is on sys.path when a bench script runs
+from gold_training import train_curve, write_results  # bench/ is on sys.path when a bench script runs
 
 from visualthinker_ray.data.sat import sat_record
 from visualthinker_ray.data.synthetic import make_one_object_color_question, sat_row
@@ -71,11 +69,7 @@ def main() -> None:
     print("|---|" + "---|" * (len(ends) + 1))
     for init, r in results.items():
         print(f"| {init} | " + " | ".join(f"{a:.2f}" for a in r["curve"]) + f" | {r['seconds']} |")
-    out = Path(args.results)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": platform.platform(), "threads": torch.get_num_threads(), **vars(args)}
-    out.write_text(json.dumps({"args": meta, "window": WINDOW, "results": results}, indent=2))
-    print(f"results written to {out}")
+    write_results(args.results, args, WINDOW, results)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,6 @@ uniform guess among the options) and writes bench/results/task_learnability.json
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import random
 import statistics
 import tempfile
@@ -36,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from gold_training import heldout_accuracy, train_curve
+from gold_training import heldout_accuracy, train_curve, write_results
 from transformers import (
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessor,
@@ -162,11 +160,7 @@ def main() -> None:
         print(
             f"| {task} | {r['chance']:.2f} | " + " | ".join(f"{r[v]['heldout']:.2f}" for v in columns) + " |"
         )
-    out = Path(args.results)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": platform.platform(), "threads": torch.get_num_threads(), **vars(args)}
-    out.write_text(json.dumps({"args": meta, "window": WINDOW, "results": results}, indent=2))
-    print(f"results written to {out}")
+    write_results(args.results, args, WINDOW, results)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ completion counts as right when every one of its tokens is the argmax under teac
 
 from __future__ import annotations
 
+import json
+import platform
 import random
+from pathlib import Path
 
 import torch
 
@@ -77,3 +80,12 @@ def heldout_accuracy(model, processor, records: list, pixels: tuple[int, int], b
         idx = list(range(start, min(start + batch_size, len(records))))
         hits.extend(exact_hits(model, _batch(processor, encoded, targets, idx))[1].tolist())
     return sum(hits) / len(hits)
+
+
+def write_results(path: str, args, window: int, results: dict) -> None:
+    """The bench's arguments (with machine and thread count), window and results as JSON."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"machine": platform.platform(), "threads": torch.get_num_threads(), **vars(args)}
+    out.write_text(json.dumps({"args": meta, "window": window, "results": results}, indent=2))
+    print(f"results written to {out}")
