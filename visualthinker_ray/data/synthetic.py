@@ -617,7 +617,8 @@ def make_synthetic(
 
     n_val defaults to n_test; SAT_static gets n_train one-image rows. `question_types` and
     `cvbench_tasks` narrow the data to some families (a focused run); when CV-Bench then holds only
-    2D or only 3D tasks it is written as one test.parquet. Prints one line per file and returns {"out_dir", "files": {relative path: {"rows", ...}}}.
+    2D or only 3D tasks it is written as one test.parquet. Prints one line per file and returns
+    {"out_dir", "files": {relative path: {"rows", ...}}}.
     """
     out = Path(out_dir)
     n_val = n_test if n_val is None else n_val
