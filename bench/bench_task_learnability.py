@@ -35,16 +35,11 @@ from pathlib import Path
 
 import torch
 from gold_training import heldout_accuracy, train_curve, write_results
-from transformers import (
-    Qwen2VLForConditionalGeneration,
-    Qwen2VLImageProcessor,
-    Qwen2VLProcessor,
-    Qwen2VLVideoProcessor,
-)
+from transformers import Qwen2VLForConditionalGeneration
 
 from visualthinker_ray.data.sat import sat_record
 from visualthinker_ray.data.synthetic import make_cvbench_question, sat_row
-from visualthinker_ray.models import build_tiny_tokenizer, fan_in_init_, tiny_model_config
+from visualthinker_ray.models import build_processor, build_tiny_tokenizer, fan_in_init_, tiny_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("Depth", "Count", "Relation", "Distance")
@@ -58,16 +53,10 @@ def build(variant: str, seed: int):
     """An in-memory fan-in tiny Qwen2-VL and its processor for a variant."""
     merge = VARIANTS[variant]
     tok = build_tiny_tokenizer()
-    sizes = dict(min_pixels=PIXELS[0], max_pixels=PIXELS[1], merge_size=merge)
-    processor = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(**sizes),
-        tokenizer=tok,
-        video_processor=Qwen2VLVideoProcessor(**sizes),  # required by the processor, unused here
-    )
-    config = tiny_model_config(tok)
-    config.vision_config.spatial_merge_size = merge
+    processor = build_processor(tok, *PIXELS, merge_size=merge)
     torch.manual_seed(seed)
-    return fan_in_init_(Qwen2VLForConditionalGeneration(config)), processor
+    model = Qwen2VLForConditionalGeneration(tiny_model_config(tok, spatial_merge_size=merge))
+    return fan_in_init_(model), processor
 
 
 def task_rows(task: str, n: int, split: str, seed: int) -> list[dict]:

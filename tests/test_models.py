@@ -140,3 +140,22 @@ def test_fan_in_tiny_model_lets_the_image_move_its_predictions(tmp_path, tiny_mo
     assert _image_sensitivity(str(out)) > 3 * _image_sensitivity(tiny_model_dir)
     with pytest.raises(ValueError, match="init must be one of"):
         make_tiny_model(tmp_path / "bad", init="xavier")
+
+
+def test_merge_size_sets_how_many_patches_one_vision_token_concatenates():
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from visualthinker_ray.models import build_processor, build_tiny_tokenizer, tiny_model_config
+
+    tok = build_tiny_tokenizer()
+    image = Image.new("RGB", (112, 112), (200, 30, 30))  # 8 x 8 patches of 14 px
+    text = "<|vision_start|><|image_pad|><|vision_end|>What color?"
+    pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    for merge, tokens in ((2, 16), (8, 1)):
+        proc = build_processor(tok, 112 * 112, 112 * 112, merge_size=merge)
+        inputs = proc(text=[text], images=[image], return_tensors="pt")
+        assert int((inputs["input_ids"] == pad).sum()) == tokens
+        model = Qwen2VLForConditionalGeneration(tiny_model_config(tok, spatial_merge_size=merge))
+        assert model.config.vision_config.spatial_merge_size == merge
+        with torch.no_grad():  # the model's merger agrees with the processor's token count
+            assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]

@@ -98,11 +98,13 @@ def build_tiny_tokenizer(vocab_size: int = 1024):
     )
 
 
-def build_processor(tokenizer, min_pixels: int, max_pixels: int):
+def build_processor(tokenizer, min_pixels: int, max_pixels: int, merge_size: int = 2):
+    """`merge_size` must match the model's `vision_config.spatial_merge_size` (Qwen2-VL: 2)."""
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
-    image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
-    video_processor = Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
+    sizes = dict(min_pixels=min_pixels, max_pixels=max_pixels, merge_size=merge_size)
+    image_processor = Qwen2VLImageProcessor(**sizes)
+    video_processor = Qwen2VLVideoProcessor(**sizes)
     return Qwen2VLProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -117,6 +119,7 @@ def tiny_model_config(
     num_layers: int = 2,
     vision_depth: int = 2,
     vision_embed_dim: int = 32,
+    spatial_merge_size: int = 2,
 ):
     """A Qwen2-VL config small enough for the CPU that vLLM's CPU backend still accepts.
 
@@ -149,7 +152,7 @@ def tiny_model_config(
         num_heads=max(1, vision_embed_dim // 16),
         mlp_ratio=2,
         patch_size=14,
-        spatial_merge_size=2,
+        spatial_merge_size=spatial_merge_size,
         temporal_patch_size=2,
     )
     return Qwen2VLConfig(
