@@ -71,18 +71,15 @@ def records_of(rows: list[dict], split: str, seed: int) -> list:
 
 def warmed_default(rows: list[dict], steps: int, lr: float, seed: int, tmp: Path):
     """The default variant after the project's format warm-up (random answers) on these rows."""
-    from datasets import Dataset
-
-    from visualthinker_ray.data.synthetic import sat_features
+    from visualthinker_ray.data.synthetic import sat_features, write_parquet
     from visualthinker_ray.models import load_model
     from visualthinker_ray.warmup import warmup
 
     model, processor = build("default", seed)
     model.save_pretrained(tmp / "model")
     processor.save_pretrained(tmp / "model")
-    (tmp / "SAT").mkdir(parents=True, exist_ok=True)
     cols = {k: [r[k] for r in rows] for k in sat_features()}
-    Dataset.from_dict(cols, features=sat_features()).to_parquet(str(tmp / "SAT" / "SAT_train.parquet"))
+    write_parquet(cols, sat_features(), tmp / "SAT" / "SAT_train.parquet")
     warmup(
         str(tmp / "model"), str(tmp / "SAT"), str(tmp / "warm"), steps=steps, lr=lr, seed=seed, log_every=100
     )

@@ -523,7 +523,8 @@ def cvbench_columns(tasks: list[str], sources: list[str], first_idx: int, seed: 
     return cols
 
 
-def _write(cols: dict[str, list], features, path: Path) -> int:
+def write_parquet(cols: dict[str, list], features, path: Path) -> int:
+    """Columns as a parquet file with the given HF features (parent folders made); the row count."""
     from datasets import Dataset
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -549,7 +550,7 @@ def write_sat(
     for split, n in sizes.items():
         cols = sat_columns(n, split, seed, image_size, split == "train", question_types)
         name = f"SAT_{split}.parquet"
-        rows = _write(cols, sat_features(), out / name)
+        rows = write_parquet(cols, sat_features(), out / name)
         written[name] = {"rows": rows, "two_image_rows": sum(len(x) > 1 for x in cols["image_bytes"])}
     return written
 
@@ -595,10 +596,10 @@ def write_cvbench(
     cols_3d = cvbench_columns(tasks_3d, sources_3d, len(tasks_2d), seed, image_size)
     if layout == "single":
         cols = {k: cols_2d[k] + cols_3d[k] for k in cols_2d}
-        return {"test.parquet": {"rows": _write(cols, cvbench_features(), out / "test.parquet")}}
+        return {"test.parquet": {"rows": write_parquet(cols, cvbench_features(), out / "test.parquet")}}
     return {
-        "test_2d.parquet": {"rows": _write(cols_2d, cvbench_features(), out / "test_2d.parquet")},
-        "test_3d.parquet": {"rows": _write(cols_3d, cvbench_features(), out / "test_3d.parquet")},
+        "test_2d.parquet": {"rows": write_parquet(cols_2d, cvbench_features(), out / "test_2d.parquet")},
+        "test_3d.parquet": {"rows": write_parquet(cols_3d, cvbench_features(), out / "test_3d.parquet")},
     }
 
 
