@@ -9,9 +9,10 @@ Per seed, through the project's own commands (so this is exactly what a user run
   make-tiny-model --seed S -> warmup --seed S (format, random answers) -> train with data.seed=S,
   evaluating the held-out synthetic CV-Bench set before step 1, every --eval-every steps and at the end.
 The synthetic data is built once (seed 0) and shared; --question-types / --cvbench-tasks narrow it
-to some families (a focused run; reuse of --out keeps the data already there). Prints a table of start/end held-out accuracy,
-format and accuracy rewards and wall times, the mean and spread over seeds, writes
-bench/results/learning.json and one PNG per seed (the `plot` command) next to the run logs.
+to some families (a focused run; an --out that already has data keeps it, so use a fresh --out per
+family choice). Prints a table of start/end held-out accuracy, format and accuracy rewards and wall
+times, the mean and spread over seeds, writes bench/results/learning.json and one PNG per seed (the
+`plot` command) next to the run logs.
 """
 
 from __future__ import annotations
