@@ -196,3 +196,15 @@ def test_checkpoint_resume_continues_exactly_and_export_loads(tiny_model_dir, it
     exported = dict(hf.named_parameters())
     assert exported.keys() == straight.keys()
     assert all(torch.equal(exported[k], straight[k]) for k in straight)
+
+
+def test_rank0_holds_its_rendezvous_port_until_setup():
+    """The port rank 0 hands out is bound at once: no other process can take it before set-up."""
+    import socket
+
+    from visualthinker_ray.learner.worker import LearnerWorker
+
+    worker = LearnerWorker(load_config().model_dump(), rank=0, world_size=2, total_optimizer_steps=1)
+    _, port = worker.node_address()
+    with socket.socket() as s, pytest.raises(OSError):
+        s.bind(("", port))

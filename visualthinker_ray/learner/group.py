@@ -180,7 +180,7 @@ class LearnerGroup:
 
     # -- the weight-sync sender (rollout/pool.py's Sender protocol) ------------------------------------
     def node_ip(self) -> str:
-        return _wait(self.workers[0].node_address.remote(), self.timeout_s, "learner rank 0 address")[0]
+        return _wait(self.workers[0].node_ip.remote(), self.timeout_s, "learner rank 0 address")
 
     def weight_metas(self) -> list:
         return _wait(self.workers[0].weight_metas.remote(), self.timeout_s, "learner weight metadata")

@@ -51,19 +51,38 @@ class LearnerWorker:
         self.optimizer_steps = 0
 
     # -- set-up -----------------------------------------------------------------------------------
-    def node_address(self) -> tuple[str, int]:
-        """Where rank 0 listens for the learner process group."""
-        from visualthinker_ray.ray_calls import free_port
+    def node_ip(self) -> str:
+        return _node_ip()
 
-        ip = _node_ip()
-        return ip, free_port(ip)
+    def node_address(self) -> tuple[str, int]:
+        """Where rank 0 listens for the learner process group.
+
+        Rank 0 opens the rendezvous store here, on a port the OS picks, and keeps it open until
+        `setup`: picking a "free" port and binding it later could lose it to another process.
+        """
+        self._store = dist.TCPStore(
+            self.node_ip(),
+            0,
+            self.world_size,
+            is_master=True,
+            timeout=self._timeout(),
+            wait_for_workers=False,
+        )
+        return self.node_ip(), self._store.port
+
+    def _timeout(self) -> datetime.timedelta:
+        return datetime.timedelta(seconds=self.cfg.resources.collective_timeout_s)
 
     def setup(self, master_addr: str, master_port: int) -> dict:
         cfg = self.cfg
-        timeout = datetime.timedelta(seconds=cfg.resources.collective_timeout_s)
+        timeout = self._timeout()
+        if self.rank == 0:
+            store = self._store
+        else:
+            store = dist.TCPStore(master_addr, master_port, self.world_size, is_master=False, timeout=timeout)
         dist.init_process_group(
             backend="nccl" if self.on_gpu else "gloo",
-            init_method=f"tcp://{master_addr}:{master_port}",
+            store=store,
             rank=self.rank,
             world_size=self.world_size,
             timeout=timeout,
