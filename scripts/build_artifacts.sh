@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Build the main job's inputs under ROOT (default: artifacts): the tiny model, the synthetic data
+# and the warmed-up start model. Each folder gets a .stamp: a hash of the command that made it, the
+# code that made it and the stamps of its inputs. A folder whose stamp matches is reused; one built
+# by other code or options (or by an older checkout, with no stamp) is rebuilt, so a code change
+# never trains on stale inputs. DATA_ARGS and WARMUP_ARGS add options to make-synthetic and to the
+# warm-up (e.g. WARMUP_ARGS="--steps 200 --lr 2e-3").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=${1:-artifacts}
+PY=${PY:-.venv/bin/python}
+
+# key CMD FILE...: a hash of a command line and the contents of the files it depends on.
+key() {
+    local cmd=$1
+    shift
+    { echo "$cmd"; cat "$@"; } | sha256sum | cut -c1-16
+}
+
+# build DIR KEY CMD...: run CMD unless DIR holds a stamp equal to KEY; then stamp DIR.
+build() {
+    local dir=$1 want=$2
+    shift 2
+    if [[ -f $dir/.stamp && $(cat "$dir/.stamp") == "$want" ]]; then
+        echo "reusing $dir (stamp $want)"
+        return
+    fi
+    if [[ -e $dir ]]; then
+        echo "rebuilding $dir: it was built by other code or options"
+        rm -rf "$dir"
+    fi
+    "$@"
+    echo "$want" >"$dir/.stamp"
+}
+
+M=visualthinker_ray
+model_cmd="$PY -m $M make-tiny-model --out $ROOT/tiny-model --seed 0"
+data_cmd="$PY -m $M make-synthetic --out $ROOT/data --train 512 --test 128 --seed 0 ${DATA_ARGS:-}"
+warm_cmd="$PY -m $M warmup --model $ROOT/tiny-model --data $ROOT/data/SAT --out $ROOT/warm-model --log-every 100 ${WARMUP_ARGS:-}"
+
+# shellcheck disable=SC2086  # the commands are word-split on purpose
+build "$ROOT/tiny-model" "$(key "$model_cmd" $M/models.py)" $model_cmd
+# shellcheck disable=SC2086
+build "$ROOT/data" "$(key "$data_cmd" $M/data/synthetic.py)" $data_cmd
+# The stand-in for a pretrained base model: a short supervised warm-up that teaches the R1-Zero
+# format with RANDOM answers (it writes well-formed completions and answers at chance).
+warm_key=$(key "$warm_cmd" $M/warmup.py $M/sequences.py $M/data/*.py "$ROOT/tiny-model/.stamp" "$ROOT/data/.stamp")
+# shellcheck disable=SC2086
+build "$ROOT/warm-model" "$warm_key" $warm_cmd
