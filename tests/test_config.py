@@ -49,6 +49,7 @@ def test_unknown_key_in_list_item_names_valid_keys():
         ("algorithm.beta=-1", "algorithm.beta"),
         ("rollout.engine=tensorrt", "rollout.engine"),
         ("rollout.temperature=hot", "rollout.temperature"),
+        ("rollout.sync_bucket_mb=0", "rollout.sync_bucket_mb"),
         ("learner.lr_schedule=step", "learner.lr_schedule"),
         ("model.min_pixels=999999999", "model"),
         ("reward.plugins=[{name: x, function: nocolon}]", "reward.plugins.0.function"),
@@ -101,3 +102,20 @@ def test_readme_config_reference_matches_the_code():
     start = readme.index("<!-- config-reference:start -->") + len("<!-- config-reference:start -->")
     end = readme.index("<!-- config-reference:end -->")
     assert readme[start:end].strip() == config_reference()
+
+
+def test_every_config_reference_row_is_one_line():
+    """A default that YAML prints over several lines ("600.0\\n...") would break the README table."""
+    from visualthinker_ray.config import config_reference
+
+    rows = config_reference().splitlines()
+    assert len(rows) == 2 + sum(len(type(getattr(Config(), s)).model_fields) for s in Config.model_fields)
+    assert all(row.startswith("| `") and row.endswith("|") for row in rows[2:])
+    assert "| `resources.collective_timeout_s` | `600.0` |" in config_reference()
+
+
+def test_sync_bucket_size_reaches_the_rollout_pool():
+    from visualthinker_ray.rollout.pool import pool_args
+
+    assert pool_args(load_config())["bucket_bytes"] == 256 * 1024 * 1024
+    assert pool_args(load_config(None, ["rollout.sync_bucket_mb=0.25"]))["bucket_bytes"] == 256 * 1024

@@ -78,6 +78,11 @@ class RolloutConfig(_Section):
     max_new_tokens: int = Field(64, gt=0, description="paper: 700")
     eval_max_new_tokens: int = Field(64, gt=0, description="paper: 1024 (greedy)")
     stop: list[str] = Field(default_factory=list, description="stop strings, kept in the completion")
+    sync_bucket_mb: float = Field(
+        256,
+        gt=0,
+        description="weight-sync bucket size (MiB): fewer collectives vs. a bigger flat buffer on each side",
+    )
 
 
 class RewardPlugin(_Section):
@@ -268,8 +273,8 @@ def config_reference() -> str:
         sub = getattr(defaults, section)
         for name, field in type(sub).model_fields.items():
             value = sub.model_dump(mode="json")[name]
-            shown = (
-                value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
-            )
+            # YAML ends a bare scalar's document with "..."; a table cell wants the value alone.
+            flow = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...")
+            shown = value if isinstance(value, str) else flow
             lines.append(f"| `{section}.{name}` | `{shown}` | {field.description or ''} |")
     return "\n".join(lines)

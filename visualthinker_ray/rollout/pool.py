@@ -56,6 +56,22 @@ class ActorSender:
         return {"sender (rank 0)": self.handle.send_weights.remote(plan)}
 
 
+def pool_args(cfg) -> dict:
+    """RolloutPool's arguments from a Config."""
+    from visualthinker_ray.rollout.engine import engine_kwargs
+
+    r = cfg.rollout
+    return dict(
+        model_path=cfg.model.path,
+        engines=[r.engine] * r.num_workers,
+        engine_kwargs=engine_kwargs(cfg),
+        gpus_per_worker=r.gpus_per_worker,
+        resource=cfg.resources.rollout_resource,
+        timeout_s=cfg.resources.collective_timeout_s,
+        bucket_bytes=int(r.sync_bucket_mb * 1024 * 1024),
+    )
+
+
 class RolloutPool:
     def __init__(
         self,
@@ -81,18 +97,7 @@ class RolloutPool:
 
     @classmethod
     def from_config(cls, cfg, **overrides) -> RolloutPool:
-        from visualthinker_ray.rollout.engine import engine_kwargs
-
-        r, m = cfg.rollout, cfg.model
-        args = dict(
-            model_path=m.path,
-            engines=[r.engine] * r.num_workers,
-            engine_kwargs=engine_kwargs(cfg),
-            gpus_per_worker=r.gpus_per_worker,
-            resource=cfg.resources.rollout_resource,
-            timeout_s=cfg.resources.collective_timeout_s,
-        )
-        return cls(**{**args, **overrides})
+        return cls(**{**pool_args(cfg), **overrides})
 
     # -- workers ---------------------------------------------------------------------------------
 
