@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gold_training import heldout_accuracy, train_curve, write_results
+from gold_training import print_table, train_and_score, write_results
 from PIL import Image as PILImage
 from transformers import Qwen2VLForConditionalGeneration
 
@@ -129,26 +129,18 @@ def main() -> None:
             heldout = probe_records(probe, variant, args.heldout, "heldout", args.seed)
             results[probe]["chance"] = round(statistics.fmean(1 / len(r.choices) for r in heldout), 3)
             model, processor = build(variant, args.seed)
-            curve = train_curve(
-                model, processor, train, args.steps, args.lr, args.batch_size, args.seed, WINDOW, PIXELS
+            results[probe][variant] = cell = train_and_score(
+                model, processor, train, heldout, args, WINDOW, PIXELS, t0
             )
-            acc = heldout_accuracy(model, processor, heldout, PIXELS)
-            results[probe][variant] = {
-                "train_curve": curve,
-                "heldout": round(acc, 3),
-                "seconds": round(time.time() - t0, 1),
-            }
-            print(f"  held-out exact accuracy {acc:.3f} (chance {results[probe]['chance']:.3f})", flush=True)
+            print(
+                f"  held-out exact accuracy {cell['heldout']:.3f} (chance {results[probe]['chance']:.3f})",
+                flush=True,
+            )
+            write_results(
+                args.results, args, WINDOW, results
+            )  # after every cell: a stopped run keeps its cells
 
-    print(
-        f"\nheld-out exact-completion accuracy after {args.steps} gold-answer steps of {args.batch_size} rows"
-    )
-    print("| probe | chance | " + " | ".join(args.variants) + " |")
-    print("|---|---|" + "---|" * len(args.variants))
-    for probe, r in results.items():
-        cells = " | ".join(f"{r[v]['heldout']:.2f}" for v in args.variants)
-        print(f"| {probe} | {r['chance']:.2f} | {cells} |")
-    write_results(args.results, args, WINDOW, results)
+    print_table("probe", results, args.variants, args)
 
 
 if __name__ == "__main__":

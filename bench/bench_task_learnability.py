@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from gold_training import heldout_accuracy, train_curve, write_results
+from gold_training import print_table, train_and_score, write_results
 from transformers import Qwen2VLForConditionalGeneration
 
 from visualthinker_ray.data.sat import sat_record
@@ -126,26 +126,12 @@ def main() -> None:
                 steps, lr = warmups[columns.index(variant) - len(args.variants)]
                 with tempfile.TemporaryDirectory() as tmp:
                     model, processor = warmed_default(train_rows, steps, lr, args.seed, Path(tmp))
-            curve = train_curve(
-                model, processor, train, args.steps, args.lr, args.batch_size, args.seed, WINDOW, PIXELS
+            results[task][variant] = cell = train_and_score(
+                model, processor, train, heldout, args, WINDOW, PIXELS, t0
             )
-            acc = heldout_accuracy(model, processor, heldout, PIXELS)
-            results[task][variant] = {
-                "train_curve": curve,
-                "heldout": round(acc, 3),
-                "seconds": round(time.time() - t0, 1),
-            }
-            print(f"  held-out exact accuracy {acc:.3f} (chance {chance:.3f})", flush=True)
+            print(f"  held-out exact accuracy {cell['heldout']:.3f} (chance {chance:.3f})", flush=True)
 
-    print(
-        f"\nheld-out exact-completion accuracy after {args.steps} gold-answer steps of {args.batch_size} rows"
-    )
-    print("| task | chance | " + " | ".join(columns) + " |")
-    print("|---|---|" + "---|" * len(columns))
-    for task, r in results.items():
-        print(
-            f"| {task} | {r['chance']:.2f} | " + " | ".join(f"{r[v]['heldout']:.2f}" for v in columns) + " |"
-        )
+    print_table("task", results, columns, args)
     write_results(args.results, args, WINDOW, results)
 
 

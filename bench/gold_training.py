@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import platform
 import random
+import time
 from pathlib import Path
 
 import torch
@@ -80,6 +81,28 @@ def heldout_accuracy(model, processor, records: list, pixels: tuple[int, int], b
         idx = list(range(start, min(start + batch_size, len(records))))
         hits.extend(exact_hits(model, _batch(processor, encoded, targets, idx))[1].tolist())
     return sum(hits) / len(hits)
+
+
+def train_and_score(model, processor, train, heldout, args, window, pixels, t0: float) -> dict:
+    """One bench cell: gold training with args.steps/lr/batch_size/seed, then held-out accuracy."""
+    curve = train_curve(
+        model, processor, train, args.steps, args.lr, args.batch_size, args.seed, window, pixels
+    )
+    acc = heldout_accuracy(model, processor, heldout, pixels)
+    return {"train_curve": curve, "heldout": round(acc, 3), "seconds": round(time.time() - t0, 1)}
+
+
+def print_table(what: str, results: dict, columns: list[str], args) -> None:
+    """Held-out accuracy per row (with its chance) and column, as a Markdown table."""
+    print(
+        f"\nheld-out exact-completion accuracy after {args.steps} gold-answer steps of {args.batch_size} rows"
+    )
+    print(f"| {what} | chance | " + " | ".join(columns) + " |")
+    print("|---|---|" + "---|" * len(columns))
+    for name, r in results.items():
+        print(
+            f"| {name} | {r['chance']:.2f} | " + " | ".join(f"{r[c]['heldout']:.2f}" for c in columns) + " |"
+        )
 
 
 def write_results(path: str, args, window: int, results: dict) -> None:

@@ -91,6 +91,17 @@ def test_tiny_model_size_options_reach_the_config(tmp_path):
         make_tiny_model(tmp_path / "bad", hidden_size=100)
 
 
+def test_rope_theta_sets_the_text_rotary_frequencies(tmp_path):
+    """theta^(-2k/64) per rotary pair k; the width axis of the vision tokens gets pairs 20..31."""
+    out = make_tiny_model(tmp_path / "t10", rope_theta=10.0)
+    inv_freq = load_model(str(out)).model.language_model.rotary_emb.inv_freq
+    expected = torch.tensor([10.0 ** (-2 * k / 64) for k in range(32)])
+    torch.testing.assert_close(inv_freq.float(), expected)
+    assert inv_freq[20].item() == pytest.approx(0.237, abs=1e-3)  # the README's 0.24 rad per column
+    with pytest.raises(ValueError, match="rope_theta"):
+        make_tiny_model(tmp_path / "bad", rope_theta=1.0)
+
+
 def test_fan_in_init_draws_each_weight_with_std_one_over_sqrt_fan_in():
     from visualthinker_ray.models import fan_in_init_
 

@@ -71,9 +71,8 @@ def test_engine_prompt_ids_equal_the_learners(generated, records, reference):
         assert engine_ids.count(image_pad) == int(enc.image_grid_thw.prod(-1).sum()) // 4
 
 
-def test_engine_logprobs_match_a_recomputed_forward(generated, records, reference):
-    kind, comps = generated
-    processor, model = reference
+def _worst_logprob_error(comps, records, processor, model) -> float:
+    """Largest |engine log-prob - recomputed HF forward log-prob| over the completions' tokens."""
     by_id = {r.id: r for r in records}
     prompts = [encode_prompt(processor, by_id[c.prompt_id], MIN_PIXELS, MAX_PIXELS) for c in comps]
     batch = build_batch(
@@ -91,7 +90,33 @@ def test_engine_logprobs_match_a_recomputed_forward(generated, records, referenc
         recomputed = logp[b][batch["completion_mask"][b].bool()]
         assert recomputed.shape[0] == len(c.logprobs)
         worst = max(worst, (recomputed - torch.tensor(c.logprobs)).abs().max().item())
+    return worst
+
+
+def test_engine_logprobs_match_a_recomputed_forward(generated, records, reference):
+    kind, comps = generated
+    worst = _worst_logprob_error(comps, records, *reference)
     assert worst < LOGPROB_TOL, f"{kind}: engine vs recomputed log-prob differ by {worst:.2e}"
+
+
+def test_vllm_uses_the_saved_rope_theta(tmp_path, records):
+    """vLLM reads the M-RoPE base from the checkpoint: a theta-10 model's log-probs match HF's
+    forward at theta 10 and not the same weights at Qwen2-VL's 1e6 (measured: 2.6e-6 vs 3.3)."""
+    from transformers import AutoConfig, Qwen2VLForConditionalGeneration
+
+    from visualthinker_ray.models import make_tiny_model
+
+    out = str(make_tiny_model(tmp_path / "theta10", seed=0, init="fan_in", rope_theta=10.0))
+    engine = make_engine("vllm", out, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    comps = engine.generate(records, SamplingSpec(n=2, temperature=0.9, max_new_tokens=12, seed=0))
+    processor = load_processor(out, MIN_PIXELS, MAX_PIXELS)
+    at_theta10 = _worst_logprob_error(comps, records, processor, load_model(out).eval())
+    config = AutoConfig.from_pretrained(out)
+    config.text_config.rope_parameters["rope_theta"] = 1_000_000.0
+    other = Qwen2VLForConditionalGeneration.from_pretrained(out, config=config).eval()
+    at_1e6 = _worst_logprob_error(comps, records, processor, other)
+    assert at_theta10 < LOGPROB_TOL, f"vLLM vs HF at theta 10 differ by {at_theta10:.2e}"
+    assert at_1e6 > 10 * LOGPROB_TOL, f"theta 1e6 explains the log-probs too ({at_1e6:.2e})"
 
 
 def test_completions_are_graded(generated, records):

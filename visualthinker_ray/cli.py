@@ -32,6 +32,7 @@ def cmd_make_tiny_model(args) -> int:
         vision_depth=args.vision_depth,
         vision_embed_dim=args.vision_width,
         init=args.init,
+        rope_theta=args.rope_theta,
     )
     size_mb = sum(f.stat().st_size for f in out.iterdir()) / 2**20
     print(f"tiny Qwen2-VL written to {out} ({size_mb:.1f} MB, {time.time() - t0:.1f} s, seed {args.seed})")
@@ -151,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("hf", "fan_in"),  # models.INITS (not imported here: torch is slow to import)
         default="hf",
         help="weight init: hf (std 0.02) or fan_in (std 1/sqrt(fan_in); image features reach the LM)",
+    )
+    p.add_argument(
+        "--rope-theta",
+        type=float,
+        default=1_000_000.0,
+        help="text M-RoPE base (Qwen2-VL: 1e6); 10 gives image columns clearly different rotations",
     )
     p.set_defaults(func=cmd_make_tiny_model)
 

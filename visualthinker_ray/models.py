@@ -120,11 +120,16 @@ def tiny_model_config(
     vision_depth: int = 2,
     vision_embed_dim: int = 32,
     spatial_merge_size: int = 2,
+    rope_theta: float = 1_000_000.0,
 ):
     """A Qwen2-VL config small enough for the CPU that vLLM's CPU backend still accepts.
 
     vLLM's CPU attention needs head_dim 64, and M-RoPE needs sum(mrope_section) == head_dim / 2.
+    `rope_theta` (Qwen2-VL's 1e6 by default) sets the text M-RoPE base; the width axis of the
+    vision tokens gets its lowest frequencies, theta^(-40/64) to theta^(-62/64) rad per position.
     """
+    if rope_theta <= 1:
+        raise ValueError(f"rope_theta must be above 1, got {rope_theta}")
     from transformers import Qwen2VLConfig
 
     head_dim = 64
@@ -140,7 +145,11 @@ def tiny_model_config(
         num_attention_heads=num_heads,
         num_key_value_heads=1,
         max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [8, 12, 12]},
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": float(rope_theta),
+            "mrope_section": [8, 12, 12],
+        },
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|endoftext|>"],
         pad_token_id=ids["<|endoftext|>"],
@@ -206,10 +215,12 @@ def make_tiny_model(
     vision_depth: int = 2,
     vision_embed_dim: int = 32,
     init: str = "hf",
+    rope_theta: float = 1_000_000.0,
 ) -> Path:
     """Write a tiny random Qwen2-VL in HF format (model, processor, generation config) to `out_dir`.
 
     `init`: "hf" (the transformers default, std 0.02) or "fan_in" (`fan_in_init_`).
+    `rope_theta`: the text M-RoPE base (`tiny_model_config`).
     """
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
@@ -219,7 +230,9 @@ def make_tiny_model(
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_tokenizer(vocab_size)
     processor = build_processor(tokenizer, min_pixels, max_pixels)
-    config = tiny_model_config(tokenizer, hidden_size, num_layers, vision_depth, vision_embed_dim)
+    config = tiny_model_config(
+        tokenizer, hidden_size, num_layers, vision_depth, vision_embed_dim, rope_theta=rope_theta
+    )
     # Seed a private generator state: the weights depend on `seed` only, not on what ran before.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
