@@ -97,9 +97,7 @@ def probe_records(probe: str, variant: str, n: int, split: str, seed: int) -> li
 def build(variant: str, seed: int):
     tok = build_tiny_tokenizer()
     processor = build_processor(tok, *PIXELS)
-    config = tiny_model_config(tok)
-    if variant == "theta10":
-        config.text_config.rope_parameters["rope_theta"] = 10.0
+    config = tiny_model_config(tok, rope_theta=10.0 if variant == "theta10" else 1_000_000.0)
     torch.manual_seed(seed)
     return fan_in_init_(Qwen2VLForConditionalGeneration(config)), processor
 
@@ -136,9 +134,8 @@ def main() -> None:
                 f"  held-out exact accuracy {cell['heldout']:.3f} (chance {results[probe]['chance']:.3f})",
                 flush=True,
             )
-            write_results(
-                args.results, args, WINDOW, results
-            )  # after every cell: a stopped run keeps its cells
+            # After every cell, so a stopped run keeps what it measured.
+            write_results(args.results, args, WINDOW, results)
 
     print_table("probe", results, args.variants, args)
 

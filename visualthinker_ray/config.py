@@ -265,6 +265,11 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
+def _flow_yaml(value) -> str:
+    """A value as one line of YAML; a bare scalar's document-end marker ("...") is dropped."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...")
+
+
 def config_reference() -> str:
     """Every key with its default and meaning, as a Markdown table (the README's config reference)."""
     defaults = Config()
@@ -273,8 +278,6 @@ def config_reference() -> str:
         sub = getattr(defaults, section)
         for name, field in type(sub).model_fields.items():
             value = sub.model_dump(mode="json")[name]
-            # YAML ends a bare scalar's document with "..."; a table cell wants the value alone.
-            flow = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...")
-            shown = value if isinstance(value, str) else flow
+            shown = value if isinstance(value, str) else _flow_yaml(value)
             lines.append(f"| `{section}.{name}` | `{shown}` | {field.description or ''} |")
     return "\n".join(lines)

@@ -60,15 +60,11 @@ class LearnerWorker:
         Rank 0 opens the rendezvous store here, on a port the OS picks, and keeps it open until
         `setup`: picking a "free" port and binding it later could lose it to another process.
         """
+        ip = self.node_ip()
         self._store = dist.TCPStore(
-            self.node_ip(),
-            0,
-            self.world_size,
-            is_master=True,
-            timeout=self._timeout(),
-            wait_for_workers=False,
+            ip, 0, self.world_size, is_master=True, timeout=self._timeout(), wait_for_workers=False
         )
-        return self.node_ip(), self._store.port
+        return ip, self._store.port
 
     def _timeout(self) -> datetime.timedelta:
         return datetime.timedelta(seconds=self.cfg.resources.collective_timeout_s)
