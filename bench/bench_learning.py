@@ -2,11 +2,13 @@
 
 Run: .venv/bin/python bench/bench_learning.py [--seeds 0 1 2] [--out artifacts/bench-learning]
      [--config jobs/tiny_cpu.yaml] [--eval-every 20] [--init hf|fan_in] [--warmup-steps 500]
-     [--warmup-lr 5e-3] [--question-types size ...] [--cvbench-tasks Depth ...]
+     [--warmup-lr 5e-3] [--rope-theta 1e6] [--warmup-reasoning template|grounded] [--warm-model DIR]
+     [--question-types size ...] [--cvbench-tasks Depth ...]
      [-- extra.train=overrides ...]
 
 Per seed, through the project's own commands (so this is exactly what a user runs):
   make-tiny-model --seed S -> warmup --seed S (format, random answers) -> train with data.seed=S,
+  (or, with --warm-model DIR, one given start model for every seed: then only `train` runs per seed),
   evaluating the held-out synthetic CV-Bench set before step 1, every --eval-every steps and at the end.
 The synthetic data is built once (seed 0) and shared; --question-types / --cvbench-tasks narrow it
 to some families (a focused run; an --out that already has data keeps it, so use a fresh --out per
@@ -66,20 +68,26 @@ def run_seed(seed: int, args, data_dir: Path, py: str) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     log_file = out / "commands.log"
     vtr = [py, "-m", "visualthinker_ray"]
-    t_model = sh(
-        [*vtr, "make-tiny-model", "--out", str(out / "tiny-model"), "--seed", str(seed), "--init", args.init],
-        log_file,
-    )
-    t_warm = sh(
-        [*vtr, "warmup", "--model", str(out / "tiny-model"), "--data", str(data_dir / "SAT"),
-         "--out", str(out / "warm-model"), "--seed", str(seed), "--log-every", "100",
-         "--steps", str(args.warmup_steps), "--lr", str(args.warmup_lr)],
-        log_file,
-    )  # fmt: skip
+    warm_model, t_model, t_warm = out / "warm-model", 0.0, 0.0
+    if args.warm_model:  # one start model for every seed: the seeds vary the RL run only
+        warm_model = Path(args.warm_model)
+    else:
+        t_model = sh(
+            [*vtr, "make-tiny-model", "--out", str(out / "tiny-model"), "--seed", str(seed),
+             "--init", args.init, "--rope-theta", str(args.rope_theta)],
+            log_file,
+        )  # fmt: skip
+        t_warm = sh(
+            [*vtr, "warmup", "--model", str(out / "tiny-model"), "--data", str(data_dir / "SAT"),
+             "--out", str(warm_model), "--seed", str(seed), "--log-every", "100",
+             "--steps", str(args.warmup_steps), "--lr", str(args.warmup_lr),
+             "--reasoning", args.warmup_reasoning],
+            log_file,
+        )  # fmt: skip
     run_dir = out / "run"
     t_train = sh(
         [*vtr, "train", "--config", args.config,
-         f"model.path={out / 'warm-model'}", f"data.train={data_dir / 'SAT'}",
+         f"model.path={warm_model}", f"data.train={data_dir / 'SAT'}",
          f"data.eval={data_dir / 'CV-Bench'}", f"data.seed={seed}", f"logging.dir={run_dir}",
          f"eval.every={args.eval_every}", *args.overrides],
         log_file,
@@ -129,6 +137,10 @@ def main() -> None:
     p.add_argument("--init", choices=("hf", "fan_in"), default="hf", help="make-tiny-model --init")
     p.add_argument("--warmup-steps", type=int, default=500, help="warmup --steps")
     p.add_argument("--warmup-lr", type=float, default=5e-3, help="warmup --lr")
+    p.add_argument("--rope-theta", type=float, default=1e6, help="make-tiny-model --rope-theta")
+    p.add_argument("--warmup-reasoning", choices=("template", "grounded"), default="template",
+                   help="warmup --reasoning")  # fmt: skip
+    p.add_argument("--warm-model", help="an existing start model for every seed (skips model and warm-up)")
     p.add_argument("--question-types", nargs="+", help="make-synthetic --question-types (default: all)")
     p.add_argument("--cvbench-tasks", nargs="+", help="make-synthetic --cvbench-tasks (default: all)")
     p.add_argument("--results", default=str(ROOT / "bench" / "results" / "learning.json"))
@@ -185,7 +197,18 @@ def main() -> None:
         "bench": "learning",
         "config": args.config,
         "overrides": args.overrides,
-        "start": {k: getattr(args, k) for k in ("init", "warmup_steps", "warmup_lr", "train_rows")},
+        "start": {
+            k: getattr(args, k)
+            for k in (
+                "init",
+                "rope_theta",
+                "warmup_steps",
+                "warmup_lr",
+                "warmup_reasoning",
+                "warm_model",
+                "train_rows",
+            )
+        },
         "families": {"question_types": args.question_types, "cvbench_tasks": args.cvbench_tasks},
         "chance": chance,
         "seeds": rows,

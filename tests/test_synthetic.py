@@ -370,3 +370,62 @@ def test_make_synthetic_cli_takes_the_family_options(tmp_path):
     assert sorted(r.question_type for r in cvb.records) == ["Count", "Count", "Relation", "Relation"]
     with pytest.raises(SystemExit):
         cli_main(["make-synthetic", "--out", str(tmp_path / "h"), "--question-types", "nonsense"])
+
+
+# ---------------------------------------------------------------- grounding (the grounded warm-up's reasoning)
+
+GROUNDED = re.compile(r"The (\w+ \w+) is at (\d) (\d) size (\d+)\.")
+
+
+def _grounding_questions(n=60):
+    for i in range(n):
+        for qtype in ("left_right", "above_below", "size"):
+            yield syn.make_question(random.Random(i), qtype)
+        for task in ("Relation", "Depth", "Distance"):
+            yield syn.make_cvbench_question(random.Random(i), task)
+
+
+def test_grounding_places_the_named_objects_in_question_order():
+    for q in _grounding_questions():
+        scene = q.scenes[0]
+        found = GROUNDED.findall(syn.grounding_text(q))
+        by_name = {o.name: o for o in scene.objects}
+        names = [name for name, *_ in found]
+        assert names == sorted(set(names), key=q.question.index), q.question  # each once, as asked
+        assert len(names) == (3 if q.question_type == "Distance" else 2)
+        for name, x, y, size in found:
+            o = by_name[name]
+            eighth = scene.image_size / 8  # computed here from the scene, not with the module's helper
+            assert (int(x), int(y)) == (int(o.x // eighth), int(o.y // eighth)), q.question
+            assert int(size) == round((o.area**0.5) / 4)
+
+
+def test_grounding_facts_agree_with_the_gold_but_do_not_name_it():
+    for q in _grounding_questions():
+        found = {name: (int(x), int(y), int(s)) for name, x, y, s in GROUNDED.findall(syn.grounding_text(q))}
+        if q.question_type in ("size", "Depth"):  # the bigger one has the bigger size number
+            other = next(n for n in found if n != q.correct_answer)
+            assert found[q.correct_answer][2] > found[other][2], q.question
+        if q.question_type in ("left_right", "above_below", "Relation"):
+            a, b = sorted(found, key=q.question.index)[:2]
+            axis = 0 if q.correct_answer in ("left", "right") else 1
+            if found[a][axis] != found[b][axis]:  # the same cell can hold both (a gap of a few px)
+                first = found[a][axis] < found[b][axis]
+                assert first == (q.correct_answer in ("left", "above")), q.question
+        assert "<answer>" not in syn.grounding_text(q)
+
+
+def test_grounding_of_count_colour_and_shape_questions():
+    for i in range(60):
+        q = syn.make_question(random.Random(i), "count")
+        text = syn.grounding_text(q)
+        assert text.startswith("I see ") and text.count(" at ") == int(q.correct_answer), (q.question, text)
+        for qtype in ("color", "shape"):
+            q = syn.make_question(random.Random(i), qtype)
+            text = syn.grounding_text(q)
+            assert re.fullmatch(r"The (\w+|\w+ object) is at \d \d\.", text), text
+            assert q.correct_answer not in text  # where it is, not what is asked
+    q = syn.make_cvbench_question(random.Random(0), "Count")
+    assert syn.grounding_text(q).count(" at ") == int(q.correct_answer)
+    with pytest.raises(ValueError, match="one-image"):
+        syn.grounding_text(syn.make_motion_question(random.Random(0)))

@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 from collections import Counter
 from dataclasses import replace
 
@@ -137,6 +138,39 @@ def test_lettered_variant_shows_the_question_the_cvbench_way(train_records):
     assert cvbench_correct(text, variant.gold, list(variant.choices))
 
 
+def test_grounded_examples_show_their_question_and_say_where_its_objects_are():
+    import io
+
+    from PIL import Image
+
+    from visualthinker_ray.data.synthetic import QUESTION_TYPES
+
+    rng = random.Random(11)
+    pairs = [wu.grounded_example(rng, 96, i) for i in range(400)]
+    kinds = Counter(r.question_type for r, _ in pairs)
+    assert set(kinds) == set(QUESTION_TYPES) | set(wu.GROUNDED_CVBENCH_TASKS)  # every kind drawn
+    for record, grounding in pairs:
+        assert Image.open(io.BytesIO(record.images[0])).size == (96, 96)
+        lettered = record.question_type in wu.GROUNDED_CVBENCH_TASKS
+        assert ("Select from the following choices." in record.question) == lettered
+        # the grounding is about this question: it names what the question names
+        named = re.findall(r"The (\w+ \w+) is at", grounding)
+        assert all(name in record.question for name in named), (record.question, grounding)
+    again = [wu.grounded_example(random.Random(11), 96, i) for i in range(1)]
+    assert again[0][1] == pairs[0][1] and again[0][0].question == pairs[0][0].question
+
+
+def test_grounded_targets_keep_the_grounding_and_answer_at_random():
+    rng = random.Random(12)
+    record = _record(["red circle", "blue square"], gold="red circle", question_type="size")
+    grounding = "The red circle is at 1 2 size 6. The blue square is at 5 5 size 3."
+    texts = [wu.target_completion(record, rng, grounding=grounding) for _ in range(2000)]
+    assert all(t.startswith(f" {grounding} ") and format_reward(t) == 1.0 for t in texts)
+    right = sum(accuracy_reward(t, record.gold, record.choices) for t in texts) / len(texts)
+    assert abs(right - 0.5) < 0.04  # the facts say "red circle"; the answer still ignores them
+    assert not any(self_reflection(t) for t in texts)
+
+
 def test_lettered_variant_needs_the_raw_question():
     with pytest.raises(ValueError, match="raw_question"):
         wu.lettered_variant(_record(["a", "b"], "a"))
@@ -145,6 +179,11 @@ def test_lettered_variant_needs_the_raw_question():
 def test_a_bad_lettered_fraction_is_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="lettered_fraction"):
         wu.warmup("no-model", "no-data", str(tmp_path), lettered_fraction=1.5)
+
+
+def test_an_unknown_reasoning_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="reasoning"):
+        wu.warmup("no-model", "no-data", str(tmp_path), reasoning="magic")
 
 
 # ---------------------------------------------------------------- a real short warm-up
@@ -231,3 +270,21 @@ def test_cli_warmup_writes_the_model_and_the_check(tiny_model_dir, synthetic_dir
     assert summary["settings"]["steps"] == 2
     assert set(summary["check"]) >= {"format", "accuracy", "chance", "option_rate"}
     assert (out / "model.safetensors").is_file()
+
+
+def test_grounded_warmup_trains_on_fresh_questions_of_the_data_image_size(
+    tiny_model_dir, synthetic_dir, tmp_path
+):
+    data = str(synthetic_dir / "SAT")
+    lines = []
+    kw = dict(steps=2, batch_size=3, limit=4, reasoning="grounded", log=lines.append)
+    a = wu.warmup(tiny_model_dir, data, str(tmp_path / "a"), seed=1, **kw)
+    b = wu.warmup(tiny_model_dir, data, str(tmp_path / "b"), seed=1, **kw)
+    assert a["losses"] == b["losses"]  # deterministic for a seed, like the template warm-up
+    assert a["settings"]["reasoning"] == "grounded"
+    assert any("grounded: fresh synthetic questions of 112 px" in line for line in lines), lines
+    # the chance level of the questions it drew (6 of them), not of --data's records
+    assert 0.25 <= a["chance_accuracy"] <= 0.5
+    template = wu.warmup(tiny_model_dir, data, str(tmp_path / "c"), seed=1, steps=2, batch_size=3, limit=4,
+                         log=lambda *_: None)  # fmt: skip
+    assert template["losses"] != a["losses"]

@@ -98,7 +98,7 @@ def cmd_warmup(args) -> int:
     summary = warmup(
         args.model, args.data, args.out, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
         seed=args.seed, limit=args.limit, log_every=args.log_every,
-        lettered_fraction=args.lettered_fraction,
+        lettered_fraction=args.lettered_fraction, reasoning=args.reasoning,
     )  # fmt: skip
     if args.check_prompts > 0:
         check = format_and_accuracy(
@@ -208,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--lettered-fraction", type=float, default=0.5,
         help="share of examples shown CV-Bench style (lettered choices), so evaluation prompts are known",
+    )  # fmt: skip
+    p.add_argument(
+        "--reasoning", choices=["template", "grounded"], default="template",
+        help="template: fixed sentences on --data's records; grounded: fresh synthetic questions whose "
+        "reasoning says where the asked-about objects are (a base that can see; needs thousands of steps)",
     )  # fmt: skip
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--batch-size", type=int, default=16)

@@ -99,15 +99,24 @@ def reasoning_text(record: PromptRecord, rng: random.Random) -> str:
     return " " + " ".join(sentences)
 
 
-def target_completion(record: PromptRecord, rng: random.Random, gold: bool = False) -> str:
+def target_completion(
+    record: PromptRecord, rng: random.Random, gold: bool = False, grounding: str | None = None
+) -> str:
     """The supervised completion text (the EOS token is appended as an id, not as text).
 
     The answer is a uniformly random option of ``record.choices``: the format is taught, the task
     is not. The text follows the prompt's trailing "<think>", so ``format_reward`` gives it 1.0.
+    ``grounding`` (the ``grounded`` warm-up): where the question's objects are, said before the
+    option sentence instead of the per-type opening sentence.
     """
     if not record.choices:
         raise ValueError(f"record {record.id}: the warm-up needs multiple-choice records (no choices)")
-    reasoning = reasoning_text(record, rng)
+    if grounding is None:
+        reasoning = reasoning_text(record, rng)
+    else:
+        reasoning = f" {grounding} " + rng.choice(OPTION_SENTENCES).format(
+            options=join_options(record.choices)
+        )
     answer = rng.choice(record.choices)  # drawn even with `gold`: both runs then see the same texts
     if gold:  # the supervised upper bound (bench/probe_learnability.py), never the RL start
         answer = record.gold
@@ -133,6 +142,39 @@ def lettered_variant(record: PromptRecord) -> PromptRecord:
     if not bare:
         raise ValueError(f"record {record.id}: no raw_question in meta (not a SAT record?)")
     return replace(record, id=f"{record.id}-lettered", question=cvbench_prompt(bare, record.choices))
+
+
+# The grounded warm-up's question kinds: every one-image SAT type and every CV-Bench task, the latter
+# in CV-Bench's own wording and layout (a base model has read such questions; its answers stay random).
+GROUNDED_CVBENCH_TASKS = ("Count", "Relation", "Depth", "Distance")
+
+
+def grounded_example(rng: random.Random, image_size: int, index: int) -> tuple[PromptRecord, str]:
+    """A fresh synthetic question (kind drawn uniformly) as a SAT record, and its grounding text."""
+    from visualthinker_ray.data.sat import sat_record
+    from visualthinker_ray.data.synthetic import (
+        QUESTION_TYPES,
+        grounding_text,
+        make_cvbench_question,
+        make_question,
+        sat_row,
+    )
+
+    kind = rng.choice(QUESTION_TYPES + GROUNDED_CVBENCH_TASKS)
+    cvbench = kind in GROUNDED_CVBENCH_TASKS
+    q = make_cvbench_question(rng, kind, image_size) if cvbench else make_question(rng, kind, image_size)
+    record = sat_record(sat_row(q), index, "warmup")
+    return (lettered_variant(record) if cvbench else record), grounding_text(q)
+
+
+def _image_size(record: PromptRecord) -> int:
+    """The side of a record's first image (the grounded warm-up draws its questions at the size of
+    the training data's images, so they look like what RL will see)."""
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(record.images[0])).size[0]
 
 
 def chance_accuracy(records: list[PromptRecord]) -> float:
@@ -161,6 +203,10 @@ class WarmupSettings:
     min_pixels: int
     max_pixels: int
     lettered_fraction: float
+    reasoning: str
+
+
+REASONINGS = ("template", "grounded")
 
 
 def _lr_factor(step: int, steps: int, warmup_steps: int) -> float:
@@ -198,6 +244,7 @@ def warmup(
     gold_answers: bool = False,
     log_every: int = 10,
     log=print,
+    reasoning: str = "template",
 ) -> dict:
     """Fit the format on SAT training records (``load_sat(data, "train", limit)``) and save the model.
 
@@ -205,6 +252,13 @@ def warmup(
     grad norm clipped at 1.0. Deterministic for a seed (record order, targets and dropout-free
     training all derive from it). A ``lettered_fraction`` of the examples show the question the
     CV-Bench way (``lettered_variant``), so that the evaluation's prompt layout is known too.
+
+    ``reasoning``: ``template`` (default) writes the fixed per-type sentences of ``reasoning_text``
+    on the records of ``data``. ``grounded`` is the stand-in for a base model that can SEE: every
+    step draws fresh synthetic questions (``grounded_example``: SAT types and CV-Bench tasks, images
+    the size of ``data``'s) and the reasoning says where the asked-about objects are
+    (``synthetic.grounding_text``), still followed by a RANDOM option. It needs thousands of steps
+    (the tiny model learns positions slowly) and answers at chance as well.
     ``gold_answers`` trains on the GOLD option instead: a diagnostic (how much can this model learn
     from the images when told the answer?), not a starting point for RL. Writes an HF checkpoint
     (model + processor) and ``warmup.json`` to ``out_dir``; returns that JSON's content.
@@ -217,9 +271,11 @@ def warmup(
         raise ValueError(f"steps and batch_size must be positive, got {steps} and {batch_size}")
     if not 0.0 <= lettered_fraction <= 1.0:
         raise ValueError(f"lettered_fraction must be in [0, 1], got {lettered_fraction}")
+    if reasoning not in REASONINGS:
+        raise ValueError(f"reasoning must be one of {REASONINGS}, got {reasoning!r}")
     settings = WarmupSettings(
         str(model_dir), str(data), str(out_dir), steps, lr, batch_size, seed, limit, warmup_steps,
-        weight_decay, min_pixels, max_pixels, lettered_fraction,
+        weight_decay, min_pixels, max_pixels, lettered_fraction, reasoning,
     )  # fmt: skip
     t_start = time.perf_counter()
     records = [r for r in load_sat(data, "train", limit=limit).records if r.choices]
@@ -230,16 +286,38 @@ def warmup(
     eos_id = tokenizer.eos_token_id
     image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     video_token_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
-    encoded = [encode_prompt(processor, r, min_pixels, max_pixels) for r in records]
-    lettered = (
-        [encode_prompt(processor, lettered_variant(r), min_pixels, max_pixels) for r in records]
-        if lettered_fraction > 0
-        else []
-    )
-    log(f"[warmup] {len(records)} training records encoded in {time.perf_counter() - t_start:.1f} s")
-
     rng = random.Random(f"visualthinker-warmup/{seed}")
-    batches = _batch_order(len(records), batch_size, steps, rng)
+
+    def encode(record: PromptRecord):
+        return encode_prompt(processor, record, min_pixels, max_pixels)
+
+    if reasoning == "grounded":
+        image_size = _image_size(records[0])
+        seen: list[PromptRecord] = []
+
+        def step_inputs(step: int):
+            """Fresh questions: (prompts, completion texts)."""
+            pairs = [grounded_example(rng, image_size, step * batch_size + k) for k in range(batch_size)]
+            pairs = [(lettered_variant(r) if rng.random() < lettered_fraction and "-lettered" not in r.id
+                      else r, g) for r, g in pairs]  # fmt: skip
+            seen.extend(r for r, _ in pairs)
+            texts = [target_completion(r, rng, gold_answers, grounding=g) for r, g in pairs]
+            return [encode(r) for r, _ in pairs], texts
+
+        log(f"[warmup] grounded: fresh synthetic questions of {image_size} px every step")
+    else:
+        seen = records
+        encoded = [encode(r) for r in records]
+        lettered = [encode(lettered_variant(r)) for r in records] if lettered_fraction > 0 else []
+        log(f"[warmup] {len(records)} training records encoded in {time.perf_counter() - t_start:.1f} s")
+        batches = _batch_order(len(records), batch_size, steps, rng)
+
+        def step_inputs(step: int):
+            """The step's records of `data`: (prompts, completion texts)."""
+            idx = batches[step]
+            texts = [target_completion(records[i], rng, gold_answers) for i in idx]
+            return [lettered[i] if rng.random() < lettered_fraction else encoded[i] for i in idx], texts
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = load_model(str(model_dir), torch.float32, "cpu")
@@ -250,13 +328,9 @@ def warmup(
         )
         losses: list[float] = []
         tokens_seen, t_train, t_log, tokens_log = 0, time.perf_counter(), time.perf_counter(), 0
-        for step, idx in enumerate(batches):
-            completions = [
-                tokenizer.encode(target_completion(records[i], rng, gold_answers), add_special_tokens=False)
-                + [eos_id]
-                for i in idx
-            ]
-            prompts = [lettered[i] if rng.random() < lettered_fraction else encoded[i] for i in idx]
+        for step in range(steps):
+            prompts, texts = step_inputs(step)
+            completions = [tokenizer.encode(t, add_special_tokens=False) + [eos_id] for t in texts]
             batch = build_batch(prompts, completions, eos_id, image_token_id, video_token_id)
             mask = batch.pop("completion_mask")
             logits = model(**batch, use_cache=False).logits[:, :-1].float()
@@ -294,7 +368,7 @@ def warmup(
         "kind": "gold-answer-sft" if gold_answers else "format-warmup",
         "settings": asdict(settings),
         "records": len(records),
-        "chance_accuracy": chance_accuracy(records),
+        "chance_accuracy": chance_accuracy(seen),
         "first_loss": losses[0],
         "initial_loss": sum(head) / len(head),  # mean of the first (up to) 10 steps
         "final_loss": sum(tail) / len(tail),  # mean of the last (up to) 10 steps

@@ -373,6 +373,54 @@ def make_motion_question(rng: random.Random, image_size: int = 112) -> Synthetic
     raise RuntimeError(f"could not make a motion question in a {image_size} px image")
 
 
+# ---------------------------------------------------------------- grounding (the warm-up's "base can see")
+
+GROUNDING_GRID = 8  # positions are given in eighths of the image: 0 (left/top) .. 7 (right/bottom)
+
+
+def _cell(v: int, image_size: int) -> int:
+    return min(GROUNDING_GRID - 1, v * GROUNDING_GRID // image_size)
+
+
+def _size_word(o: SceneObject) -> int:
+    """Side of a square of the object's area, in units of 4 px (so a 2x area ratio shows)."""
+    return round(math.sqrt(o.area) / 4)
+
+
+def grounding_text(q: SyntheticQuestion) -> str:
+    """Where the objects a one-image question is about are: the warm-up's stand-in for a base model
+    that can ground what it is asked about (Qwen2-VL is pretrained on grounding with boxes).
+
+    Objects named in full ("the red circle") get "The red circle is at X Y size S." in the order the
+    question names them; a count question lists every object it counts ("I see red circle at X Y,
+    ..."); a colour or shape question places the object it names ("The circle is at X Y.") without
+    saying what is asked. X, Y are cells of a GROUNDING_GRID x GROUNDING_GRID grid, S the side of a
+    square of the object's area in 4 px. It states facts of the image, never which option is right:
+    mapping these facts to the answer is what RL has to learn.
+    """
+    if len(q.scenes) != 1:
+        raise ValueError(f"grounding_text needs a one-image question, got {len(q.scenes)} images")
+    scene = q.scenes[0]
+
+    def at(o: SceneObject) -> str:
+        return f"{_cell(o.x, scene.image_size)} {_cell(o.y, scene.image_size)}"
+
+    if q.question_type.lower() == "count":
+        counted = [
+            o for o in scene.objects if f"{o.color} objects" in q.question or f"{o.shape}s" in q.question
+        ]
+        counted.sort(key=lambda o: (o.y, o.x))  # reading order, top to bottom
+        return "I see " + ", ".join(f"{o.name} at {at(o)}" for o in counted) + "."
+    named = sorted((q.question.index(o.name), o) for o in scene.objects if o.name in q.question)
+    if named:
+        return " ".join(f"The {o.name} is at {at(o)} size {_size_word(o)}." for _, o in named)
+    for o in scene.objects:  # "What color is the circle?" / "What shape is the red object?"
+        for term in (f"the {o.shape}", f"the {o.color} object"):
+            if term in q.question:
+                return f"{term[0].upper()}{term[1:]} is at {at(o)}."
+    raise ValueError(f"question names no object of its scene: {q.question!r}")
+
+
 def make_question(
     rng: random.Random, question_type: str | None = None, image_size: int = 112
 ) -> SyntheticQuestion:
