@@ -276,9 +276,11 @@ def test_grounded_warmup_trains_on_fresh_questions_of_the_data_image_size(
     tiny_model_dir, synthetic_dir, tmp_path
 ):
     data = str(synthetic_dir / "SAT")
-    lines = []
-    kw = dict(steps=2, batch_size=3, limit=4, reasoning="grounded", log=lines.append)
-    a = wu.warmup(tiny_model_dir, data, str(tmp_path / "a"), seed=1, **kw)
+    lines, hooked = [], []
+    kw = dict(steps=2, batch_size=3, limit=4, reasoning="grounded", log=lines.append, log_every=1)
+    a = wu.warmup(tiny_model_dir, data, str(tmp_path / "a"), seed=1,
+                  on_log=lambda step, model: hooked.append((step, model.training)), **kw)  # fmt: skip
+    assert hooked == [(1, True), (2, True)]  # after every log line, on the model being trained
     b = wu.warmup(tiny_model_dir, data, str(tmp_path / "b"), seed=1, **kw)
     assert a["losses"] == b["losses"]  # deterministic for a seed, like the template warm-up
     assert a["settings"]["reasoning"] == "grounded"

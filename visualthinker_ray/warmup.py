@@ -245,6 +245,7 @@ def warmup(
     log_every: int = 10,
     log=print,
     reasoning: str = "template",
+    on_log=None,
 ) -> dict:
     """Fit the format on SAT training records (``load_sat(data, "train", limit)``) and save the model.
 
@@ -259,6 +260,8 @@ def warmup(
     the size of ``data``'s) and the reasoning says where the asked-about objects are
     (``synthetic.grounding_text``), still followed by a RANDOM option. It needs thousands of steps
     (the tiny model learns positions slowly) and answers at chance as well.
+    ``on_log(step, model)``, if given, runs after every log line (benchmarks measure the model
+    there; it must leave the model in train mode).
     ``gold_answers`` trains on the GOLD option instead: a diagnostic (how much can this model learn
     from the images when told the answer?), not a starting point for RL. Writes an HF checkpoint
     (model + processor) and ``warmup.json`` to ``out_dir``; returns that JSON's content.
@@ -293,20 +296,20 @@ def warmup(
 
     if reasoning == "grounded":
         image_size = _image_size(records[0])
-        seen: list[PromptRecord] = []
+        inverse_options: list[float] = []  # 1 / options per drawn question: their chance level
 
         def step_inputs(step: int):
             """Fresh questions: (prompts, completion texts)."""
             pairs = [grounded_example(rng, image_size, step * batch_size + k) for k in range(batch_size)]
             pairs = [(lettered_variant(r) if rng.random() < lettered_fraction and "-lettered" not in r.id
                       else r, g) for r, g in pairs]  # fmt: skip
-            seen.extend(r for r, _ in pairs)
+            inverse_options.extend(1.0 / len(r.choices) for r, _ in pairs)
             texts = [target_completion(r, rng, gold_answers, grounding=g) for r, g in pairs]
             return [encode(r) for r, _ in pairs], texts
 
         log(f"[warmup] grounded: fresh synthetic questions of {image_size} px every step")
     else:
-        seen = records
+        inverse_options = [1.0 / len(r.choices) for r in records]
         encoded = [encode(r) for r in records]
         lettered = [encode(lettered_variant(r)) for r in records] if lettered_fraction > 0 else []
         log(f"[warmup] {len(records)} training records encoded in {time.perf_counter() - t_start:.1f} s")
@@ -355,6 +358,8 @@ def warmup(
                     f"lr {scheduler.get_last_lr()[0]:.2e}  {tokens_log / (now - t_log):.0f} tokens/s"
                 )
                 t_log, tokens_log = now, 0
+                if on_log is not None:
+                    on_log(step + 1, model)
         train_s = time.perf_counter() - t_train
 
     out = Path(out_dir)
@@ -368,7 +373,7 @@ def warmup(
         "kind": "gold-answer-sft" if gold_answers else "format-warmup",
         "settings": asdict(settings),
         "records": len(records),
-        "chance_accuracy": chance_accuracy(seen),
+        "chance_accuracy": sum(inverse_options) / len(inverse_options),
         "first_loss": losses[0],
         "initial_loss": sum(head) / len(head),  # mean of the first (up to) 10 steps
         "final_loss": sum(tail) / len(tail),  # mean of the last (up to) 10 steps
