@@ -167,6 +167,13 @@ def grounded_example(rng: random.Random, image_size: int, index: int) -> tuple[P
     return (lettered_variant(record) if cvbench else record), grounding_text(q)
 
 
+def _as_shown(record: PromptRecord, rng: random.Random, lettered_fraction: float) -> PromptRecord:
+    """A grounded example as shown: CV-Bench style with probability `lettered_fraction` (CV-Bench
+    questions already are; the draw is made either way, so the stream of random numbers is fixed)."""
+    lettered = rng.random() < lettered_fraction
+    return lettered_variant(record) if lettered and "-lettered" not in record.id else record
+
+
 def _image_size(record: PromptRecord) -> int:
     """The side of a record's first image (the grounded warm-up draws its questions at the size of
     the training data's images, so they look like what RL will see)."""
@@ -301,8 +308,7 @@ def warmup(
         def step_inputs(step: int):
             """Fresh questions: (prompts, completion texts)."""
             pairs = [grounded_example(rng, image_size, step * batch_size + k) for k in range(batch_size)]
-            pairs = [(lettered_variant(r) if rng.random() < lettered_fraction and "-lettered" not in r.id
-                      else r, g) for r, g in pairs]  # fmt: skip
+            pairs = [(_as_shown(r, rng, lettered_fraction), g) for r, g in pairs]
             inverse_options.extend(1.0 / len(r.choices) for r, _ in pairs)
             texts = [target_completion(r, rng, gold_answers, grounding=g) for r, g in pairs]
             return [encode(r) for r, _ in pairs], texts
