@@ -33,7 +33,7 @@ import torch
 from visualthinker_ray.data.synthetic import make_synthetic
 from visualthinker_ray.models import load_processor, make_tiny_model
 from visualthinker_ray.sequences import build_batch, encode_prompt
-from visualthinker_ray.warmup import grounded_example, lettered_variant, target_completion, warmup
+from visualthinker_ray.warmup import grounded_batch, warmup
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 112
@@ -54,24 +54,21 @@ def field_of(question_type: str, before: list[str]) -> str | None:
     return None
 
 
-def heldout_batches(processor, n_batches: int = 6, batch_size: int = 16) -> list[tuple[list, dict, list]]:
-    """Fixed held-out grounded examples (half in CV-Bench layout, as in the warm-up)."""
+def heldout_batches(processor, n_batches: int = 6, batch_size: int = 16) -> list[tuple[list, dict]]:
+    """Fixed held-out grounded examples (half in CV-Bench layout, as in the warm-up): per batch, the
+    question types and the batch (build_batch's, completion mask included)."""
     tok = processor.tokenizer
     image_id = tok.convert_tokens_to_ids("<|image_pad|>")
     rng = random.Random("bench-grounded/heldout")
     out = []
     for b in range(n_batches):
-        pairs = [grounded_example(rng, IMAGE_SIZE, 10**7 + b * batch_size + k) for k in range(batch_size)]
-        pairs = [
-            (lettered_variant(r) if rng.random() < 0.5 and "-lettered" not in r.id else r, g)
-            for r, g in pairs
-        ]
-        texts = [target_completion(r, rng, grounding=g) for r, g in pairs]
-        ids = [tok.encode(t, add_special_tokens=False) + [tok.eos_token_id] for t in texts]
-        prompts = [encode_prompt(processor, r, PIXELS, PIXELS) for r, _ in pairs]
-        out.append(
-            ([r.question_type for r, _ in pairs], build_batch(prompts, ids, tok.eos_token_id, image_id), ids)
+        shown, texts = grounded_batch(
+            rng, IMAGE_SIZE, batch_size, 10**7 + b * batch_size, lettered_fraction=0.5
         )
+        ids = [tok.encode(t, add_special_tokens=False) + [tok.eos_token_id] for t in texts]
+        prompts = [encode_prompt(processor, r, PIXELS, PIXELS) for r in shown]
+        batch = build_batch(prompts, ids, tok.eos_token_id, image_id)
+        out.append(([r.question_type for r in shown], batch))
     return out
 
 
@@ -79,7 +76,7 @@ def number_fields(processor, heldout) -> list[tuple[int, int, int, str, str]]:
     """(batch, row, label position, field, value) of every grounding number in the held-out targets."""
     tok = processor.tokenizer
     found = []
-    for b, (qtypes, batch, _) in enumerate(heldout):
+    for b, (qtypes, batch) in enumerate(heldout):
         mask, labels = batch["completion_mask"], batch["input_ids"][:, 1:]
         for r, qtype in enumerate(qtypes):
             positions = mask[r].nonzero().flatten().tolist()
@@ -104,7 +101,7 @@ def field_accuracy(model, heldout, numbers) -> dict[str, float]:
     model.eval()
     hits = defaultdict(list)
     argmax = []
-    for _, batch, _ in heldout:
+    for _, batch in heldout:
         inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
         argmax.append(model(**inputs, use_cache=False).logits[:, :-1].argmax(-1))
     for b, r, j, field, _ in numbers:

@@ -400,7 +400,7 @@ def test_grounding_places_the_named_objects_in_question_order():
             assert int(size) == round((o.area**0.5) / 4)
 
 
-def test_grounding_facts_agree_with_the_gold_but_do_not_name_it():
+def test_grounding_facts_agree_with_the_gold_and_hold_no_answer():
     for q in _grounding_questions():
         found = {name: (int(x), int(y), int(s)) for name, x, y, s in GROUNDED.findall(syn.grounding_text(q))}
         if q.question_type in ("size", "Depth"):  # the bigger one has the bigger size number

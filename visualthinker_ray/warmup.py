@@ -174,6 +174,22 @@ def _as_shown(record: PromptRecord, rng: random.Random, lettered_fraction: float
     return lettered_variant(record) if lettered and "-lettered" not in record.id else record
 
 
+def grounded_batch(
+    rng: random.Random,
+    image_size: int,
+    n: int,
+    first_index: int,
+    lettered_fraction: float,
+    gold: bool = False,
+) -> tuple[list[PromptRecord], list[str]]:
+    """n fresh grounded examples as the warm-up shows them (``_as_shown``) and their target texts."""
+    pairs = [grounded_example(rng, image_size, first_index + k) for k in range(n)]
+    shown = [_as_shown(r, rng, lettered_fraction) for r, _ in pairs]
+    return shown, [
+        target_completion(r, rng, gold, grounding=g) for r, (_, g) in zip(shown, pairs, strict=True)
+    ]
+
+
 def _image_size(record: PromptRecord) -> int:
     """The side of a record's first image (the grounded warm-up draws its questions at the size of
     the training data's images, so they look like what RL will see)."""
@@ -303,19 +319,19 @@ def warmup(
 
     if reasoning == "grounded":
         image_size = _image_size(records[0])
-        inverse_options: list[float] = []  # 1 / options per drawn question: their chance level
+        chance_per_step: list[float] = []  # of the questions drawn (equal batches: their mean is exact)
 
         def step_inputs(step: int):
             """Fresh questions: (prompts, completion texts)."""
-            pairs = [grounded_example(rng, image_size, step * batch_size + k) for k in range(batch_size)]
-            pairs = [(_as_shown(r, rng, lettered_fraction), g) for r, g in pairs]
-            inverse_options.extend(1.0 / len(r.choices) for r, _ in pairs)
-            texts = [target_completion(r, rng, gold_answers, grounding=g) for r, g in pairs]
-            return [encode(r) for r, _ in pairs], texts
+            shown, texts = grounded_batch(
+                rng, image_size, batch_size, step * batch_size, lettered_fraction, gold_answers
+            )
+            chance_per_step.append(chance_accuracy(shown))
+            return [encode(r) for r in shown], texts
 
         log(f"[warmup] grounded: fresh synthetic questions of {image_size} px every step")
     else:
-        inverse_options = [1.0 / len(r.choices) for r in records]
+        chance_per_step = [chance_accuracy(records)]
         encoded = [encode(r) for r in records]
         lettered = [encode(lettered_variant(r)) for r in records] if lettered_fraction > 0 else []
         log(f"[warmup] {len(records)} training records encoded in {time.perf_counter() - t_start:.1f} s")
@@ -379,7 +395,7 @@ def warmup(
         "kind": "gold-answer-sft" if gold_answers else "format-warmup",
         "settings": asdict(settings),
         "records": len(records),
-        "chance_accuracy": sum(inverse_options) / len(inverse_options),
+        "chance_accuracy": sum(chance_per_step) / len(chance_per_step),
         "first_loss": losses[0],
         "initial_loss": sum(head) / len(head),  # mean of the first (up to) 10 steps
         "final_loss": sum(tail) / len(tail),  # mean of the last (up to) 10 steps
