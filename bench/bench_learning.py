@@ -143,6 +143,7 @@ def main() -> None:
     p.add_argument("--warm-model", help="an existing start model for every seed (skips model and warm-up)")
     p.add_argument("--question-types", nargs="+", help="make-synthetic --question-types (default: all)")
     p.add_argument("--cvbench-tasks", nargs="+", help="make-synthetic --cvbench-tasks (default: all)")
+    p.add_argument("--same-shape-sizes", action="store_true", help="make-synthetic --same-shape-sizes")
     p.add_argument("--results", default=str(ROOT / "bench" / "results" / "learning.json"))
     p.add_argument("overrides", nargs="*", help="extra dotted overrides for `train` (after --)")
     args = p.parse_args()
@@ -151,7 +152,8 @@ def main() -> None:
     t0 = time.perf_counter()
     if not (data_dir / "SAT" / "SAT_train.parquet").exists():
         families = [*(["--question-types", *args.question_types] if args.question_types else []),
-                    *(["--cvbench-tasks", *args.cvbench_tasks] if args.cvbench_tasks else [])]  # fmt: skip
+                    *(["--cvbench-tasks", *args.cvbench_tasks] if args.cvbench_tasks else []),
+                    *(["--same-shape-sizes"] if args.same_shape_sizes else [])]  # fmt: skip
         sh(
             [py, "-m", "visualthinker_ray", "make-synthetic", "--out", str(data_dir),
              "--train", str(args.train_rows), "--test", str(args.test_rows), "--seed", "0", *families],
@@ -209,7 +211,11 @@ def main() -> None:
                 "train_rows",
             )
         },
-        "families": {"question_types": args.question_types, "cvbench_tasks": args.cvbench_tasks},
+        "families": {
+            "question_types": args.question_types,
+            "cvbench_tasks": args.cvbench_tasks,
+            "same_shape_sizes": args.same_shape_sizes,
+        },
         "chance": chance,
         "seeds": rows,
         "summary": summary,

@@ -372,6 +372,52 @@ def test_make_synthetic_cli_takes_the_family_options(tmp_path):
         cli_main(["make-synthetic", "--out", str(tmp_path / "h"), "--question-types", "nonsense"])
 
 
+def _size_pair(q):
+    """The two objects a size / Depth question names, found in its scene."""
+    a, b = _groups(r"Which (?:is bigger|object is closer to the camera taking this photo), "
+                   r"the (.+) or the (.+)\?", q.question)  # fmt: skip
+    return _one(q.scenes[0], a), _one(q.scenes[0], b)
+
+
+def test_same_shape_sizes_name_two_objects_of_one_shape_and_stay_answerable():
+    for i in range(120):
+        for q in (
+            syn.make_question(random.Random(i), "size", same_shape_sizes=True),
+            syn.make_cvbench_question(random.Random(i), "Depth", same_shape_sizes=True),
+        ):
+            _check_scene(q.scenes[0])
+            _check_answerable(q)  # the gold is still the one with twice the area or more
+            a, b = _size_pair(q)
+            assert a.shape == b.shape and a.color != b.color
+    # The gold is not tied to a shape, nor to being named first.
+    golds = [syn.make_question(random.Random(i), "size", same_shape_sizes=True) for i in range(N_PER_TYPE)]
+    shapes = Counter(_one(q.scenes[0], q.correct_answer).shape for q in golds)
+    assert set(shapes) == set(syn.SHAPES) and min(shapes.values()) > N_PER_TYPE / 6
+    first = sum(_size_pair(q)[0].name == q.correct_answer for q in golds) / N_PER_TYPE
+    assert 0.4 < first < 0.6
+
+
+def test_size_pairs_mix_shapes_by_default_so_a_shape_prior_exists():
+    pairs = [_size_pair(syn.make_cvbench_question(random.Random(i), "Depth")) for i in range(200)]
+    different = [(a, b) for a, b in pairs if a.shape != b.shape]
+    assert len(different) > 100
+    # Independent check of the prior the option removes: at equal radius a square covers more
+    # than a circle, and a circle more than a triangle, so the higher-ranked shape wins often.
+    rank = {"square": 2, "circle": 1, "triangle": 0}
+    prior_right = sum((rank[a.shape] > rank[b.shape]) == (a.area > b.area) for a, b in different)
+    assert prior_right / len(different) > 0.6
+
+
+def test_make_synthetic_cli_writes_same_shape_depth_rows(tmp_path):
+    rc = cli_main(["make-synthetic", "--out", str(tmp_path / "s"), "--train", "12", "--test", "8",
+                   "--question-types", "size", "--cvbench-tasks", "Depth", "--same-shape-sizes"])  # fmt: skip
+    assert rc == 0
+    cvb = load_cvbench(tmp_path / "s" / "CV-Bench", cache_dir=str(tmp_path / "c"))
+    sat = load_sat(tmp_path / "s" / "SAT", "train", cache_dir=str(tmp_path / "c"))
+    for r in [*cvb.records, *sat.records]:
+        assert len({c.split()[-1] for c in r.choices}) == 1, r.choices  # "red circle" / "blue circle"
+
+
 # ---------------------------------------------------------------- grounding (the grounded warm-up's reasoning)
 
 GROUNDED = re.compile(r"The (\w+ \w+) is at (\d) (\d) size (\d+)\.")

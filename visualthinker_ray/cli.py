@@ -45,6 +45,7 @@ def cmd_make_synthetic(args) -> int:
     make_synthetic(
         args.out, n_train=args.train, n_test=args.test, seed=args.seed, image_size=args.image_size,
         question_types=args.question_types, cvbench_tasks=args.cvbench_tasks,
+        same_shape_sizes=args.same_shape_sizes,
     )  # fmt: skip
     return 0
 

@@ -263,12 +263,24 @@ def _count_question(
     return SyntheticQuestion("count", question, _shuffled(rng, list(COUNT_OPTIONS)), str(k), (scene,))
 
 
+def _same_shape_first_two(rng: random.Random, n: int) -> list[tuple[str, str]]:
+    """n distinct kinds whose first two share a shape (colours differ), the rest drawn at random."""
+    shape = rng.choice(SHAPES)
+    first_two = [(shape, c) for c in rng.sample(COLOR_NAMES, 2)]
+    rest = [k for k in [(s, c) for s in SHAPES for c in COLOR_NAMES] if k not in first_two]
+    return first_two + rng.sample(rest, n - 2)
+
+
 def _pair_scene(
-    rng: random.Random, image_size: int, n_min: int, ok: Callable[[tuple[SceneObject, ...]], bool]
+    rng: random.Random,
+    image_size: int,
+    n_min: int,
+    ok: Callable[[tuple[SceneObject, ...]], bool],
+    kinds: Callable[[random.Random, int], list[tuple[str, str]]] = _distinct_kinds,
 ) -> Scene:
     """A scene of distinct kinds whose first objects satisfy `ok(objects)`; rejection sampling."""
     for _ in range(_MAX_TRIES):
-        scene = _scene(rng, image_size, _distinct_kinds(rng, _n_objects(rng, at_least=n_min)))
+        scene = _scene(rng, image_size, kinds(rng, _n_objects(rng, at_least=n_min)))
         if ok(scene.objects):
             return scene
     raise RuntimeError(f"no scene met the question's constraint in {_MAX_TRIES} tries ({image_size} px)")
@@ -309,12 +321,15 @@ CVBENCH_DEPTH_TEMPLATE = "Which object is closer to the camera taking this photo
 
 
 def _size_question(
-    rng: random.Random, image_size: int, template: str = SAT_SIZE_TEMPLATE
+    rng: random.Random, image_size: int, template: str = SAT_SIZE_TEMPLATE, same_shape: bool = False
 ) -> SyntheticQuestion:
+    """Which of two objects is bigger. same_shape: both of one shape, so that the shape names
+    (a square covers more than a circle of the same radius) cannot predict the answer."""
+
     def clear(o):
         return max(o[0].area, o[1].area) >= MIN_AREA_RATIO * min(o[0].area, o[1].area)
 
-    scene = _pair_scene(rng, image_size, 2, clear)
+    scene = _pair_scene(rng, image_size, 2, clear, _same_shape_first_two if same_shape else _distinct_kinds)
     small, big = sorted(scene.objects[:2], key=lambda o: o.area)
     # The gold is mentioned first or second with equal chance.
     first, second = (big, small) if rng.random() < 0.5 else (small, big)
@@ -422,10 +437,14 @@ def grounding_text(q: SyntheticQuestion) -> str:
 
 
 def make_question(
-    rng: random.Random, question_type: str | None = None, image_size: int = 112
+    rng: random.Random,
+    question_type: str | None = None,
+    image_size: int = 112,
+    same_shape_sizes: bool = False,
 ) -> SyntheticQuestion:
     """One SAT-style question of a type (QUESTION_TYPES, or MOTION_TYPE for a two-image one); a
-    single-image type is drawn uniformly when none is given."""
+    single-image type is drawn uniformly when none is given. same_shape_sizes: size questions
+    compare two objects of one shape."""
     qtype = question_type or rng.choice(QUESTION_TYPES)
     if qtype == "color":
         return _color_question(rng, image_size)
@@ -438,20 +457,23 @@ def make_question(
     if qtype == "above_below":
         return _relation_question(rng, image_size, "y")
     if qtype == "size":
-        return _size_question(rng, image_size)
+        return _size_question(rng, image_size, same_shape=same_shape_sizes)
     if qtype == MOTION_TYPE:
         return make_motion_question(rng, image_size)
     raise ValueError(f"unknown question_type {qtype!r}; expected one of {QUESTION_TYPES + (MOTION_TYPE,)}")
 
 
-def make_cvbench_question(rng: random.Random, task: str, image_size: int = 112) -> SyntheticQuestion:
-    """One CV-Bench-style question for a task (Count, Relation, Depth, Distance)."""
+def make_cvbench_question(
+    rng: random.Random, task: str, image_size: int = 112, same_shape_sizes: bool = False
+) -> SyntheticQuestion:
+    """One CV-Bench-style question for a task (Count, Relation, Depth, Distance). same_shape_sizes:
+    Depth questions compare two objects of one shape."""
     if task == "Count":
         q = _count_question(rng, image_size, CVBENCH_COUNT_TEMPLATES)
     elif task == "Relation":
         q = _relation_question(rng, image_size, rng.choice(("x", "y")), CVBENCH_RELATION_TEMPLATE)
     elif task == "Depth":
-        q = _size_question(rng, image_size, CVBENCH_DEPTH_TEMPLATE)
+        q = _size_question(rng, image_size, CVBENCH_DEPTH_TEMPLATE, same_shape_sizes)
     elif task == "Distance":
         q = _distance_question(rng, image_size)
     else:
@@ -535,11 +557,13 @@ def sat_columns(
     image_size: int = 112,
     multi_image: bool = False,
     question_types: tuple[str, ...] | None = None,
+    same_shape_sizes: bool = False,
 ) -> dict[str, list]:
     """The columns of n SAT rows; with multi_image, one row in MULTI_IMAGE_EVERY has two images.
 
     question_types: draw the one-image questions from these types only (default: all of
-    QUESTION_TYPES; the rows are then the same as before the option existed).
+    QUESTION_TYPES; the rows are then the same as before the option existed). same_shape_sizes:
+    size questions compare two objects of one shape.
     """
     _check_subset(question_types, QUESTION_TYPES, "question_types")
     cols: dict[str, list] = {k: [] for k in sat_features()}
@@ -548,17 +572,28 @@ def sat_columns(
         # Row 3, 23, 43, ...: even a small file gets a two-image row for the loader to skip.
         two = multi_image and i % MULTI_IMAGE_EVERY == 3
         qtype = rng.choice(question_types) if question_types and not two else None
-        q = make_motion_question(rng, image_size) if two else make_question(rng, qtype, image_size)
+        q = (
+            make_motion_question(rng, image_size)
+            if two
+            else make_question(rng, qtype, image_size, same_shape_sizes)
+        )
         for key, value in sat_row(q).items():
             cols[key].append(value)
     return cols
 
 
-def cvbench_columns(tasks: list[str], sources: list[str], first_idx: int, seed: int, image_size: int):
+def cvbench_columns(
+    tasks: list[str],
+    sources: list[str],
+    first_idx: int,
+    seed: int,
+    image_size: int,
+    same_shape_sizes: bool = False,
+):
     cols: dict[str, list] = {k: [] for k in cvbench_features()}
     for j, (task, source) in enumerate(zip(tasks, sources, strict=True)):
         idx = first_idx + j
-        q = make_cvbench_question(_row_rng(seed, "cvbench", idx), task, image_size)
+        q = make_cvbench_question(_row_rng(seed, "cvbench", idx), task, image_size, same_shape_sizes)
         cols["idx"].append(idx)
         cols["type"].append("2D" if task in CVBENCH_2D_TASKS else "3D")
         cols["task"].append(task)
@@ -589,6 +624,7 @@ def write_sat(
     seed: int = 0,
     image_size: int = 112,
     question_types: tuple[str, ...] | None = None,
+    same_shape_sizes: bool = False,
 ) -> dict[str, dict[str, int]]:
     """SAT_{train,val,test,static}.parquet in out_dir. Only train has two-image rows (about 5%)."""
     out = Path(out_dir)
@@ -596,7 +632,7 @@ def write_sat(
     sizes = {"train": n_train, "val": n_val, "test": n_test, "static": n_static}
     written = {}
     for split, n in sizes.items():
-        cols = sat_columns(n, split, seed, image_size, split == "train", question_types)
+        cols = sat_columns(n, split, seed, image_size, split == "train", question_types, same_shape_sizes)
         name = f"SAT_{split}.parquet"
         rows = write_parquet(cols, sat_features(), out / name)
         written[name] = {"rows": rows, "two_image_rows": sum(len(x) > 1 for x in cols["image_bytes"])}
@@ -626,6 +662,7 @@ def write_cvbench(
     image_size: int = 112,
     layout: str = "split",
     tasks: tuple[str, ...] | None = None,
+    same_shape_sizes: bool = False,
 ) -> dict[str, dict[str, int]]:
     """CV-Bench files in out_dir: test_2d.parquet + test_3d.parquet ("split", the current hub
     layout) or one test.parquet ("single", the older layout). idx runs 0..n-1, 2D rows first.
@@ -640,8 +677,8 @@ def write_cvbench(
             "use layout='single' for fewer rows or tasks of one kind"
         )
     out = Path(out_dir)
-    cols_2d = cvbench_columns(tasks_2d, sources_2d, 0, seed, image_size)
-    cols_3d = cvbench_columns(tasks_3d, sources_3d, len(tasks_2d), seed, image_size)
+    cols_2d = cvbench_columns(tasks_2d, sources_2d, 0, seed, image_size, same_shape_sizes)
+    cols_3d = cvbench_columns(tasks_3d, sources_3d, len(tasks_2d), seed, image_size, same_shape_sizes)
     if layout == "single":
         cols = {k: cols_2d[k] + cols_3d[k] for k in cols_2d}
         return {"test.parquet": {"rows": write_parquet(cols, cvbench_features(), out / "test.parquet")}}
@@ -661,23 +698,29 @@ def make_synthetic(
     cvbench_layout: str = "split",
     question_types: tuple[str, ...] | None = None,
     cvbench_tasks: tuple[str, ...] | None = None,
+    same_shape_sizes: bool = False,
 ) -> dict:
     """Write out_dir/SAT/ (train, val, test, static) and out_dir/CV-Bench/ (n_test rows).
 
     n_val defaults to n_test; SAT_static gets n_train one-image rows. `question_types` and
     `cvbench_tasks` narrow the data to some families (a focused run); when CV-Bench then holds only
-    2D or only 3D tasks it is written as one test.parquet. Prints one line per file and returns
+    2D or only 3D tasks it is written as one test.parquet. `same_shape_sizes`: SAT size and CV-Bench
+    Depth questions compare two objects of one shape, so no shape prior can answer them.
+    Prints one line per file and returns
     {"out_dir", "files": {relative path: {"rows", ...}}}.
     """
     out = Path(out_dir)
     n_val = n_test if n_val is None else n_val
     sat = write_sat(
-        out / "SAT", n_train, n_val, n_test, seed=seed, image_size=image_size, question_types=question_types
-    )
+        out / "SAT", n_train, n_val, n_test, seed=seed, image_size=image_size, question_types=question_types,
+        same_shape_sizes=same_shape_sizes,
+    )  # fmt: skip
     files = {f"SAT/{name}": info for name, info in sat.items()}
     if len({t in CVBENCH_2D_TASKS for t in cvbench_tasks or ()}) == 1:
         cvbench_layout = "single"  # only 2D or only 3D tasks: the split layout would leave a file empty
-    cvb = write_cvbench(out / "CV-Bench", n_test, seed, image_size, cvbench_layout, cvbench_tasks)
+    cvb = write_cvbench(
+        out / "CV-Bench", n_test, seed, image_size, cvbench_layout, cvbench_tasks, same_shape_sizes
+    )
     for name, info in cvb.items():
         files[f"CV-Bench/{name}"] = info
     for rel, info in files.items():
@@ -697,6 +740,11 @@ def add_family_options(p: argparse.ArgumentParser) -> None:
         "--cvbench-tasks", nargs="+", choices=CVBENCH_2D_TASKS + CVBENCH_3D_TASKS, default=None,
         help="CV-Bench tasks to write (default: all four)",
     )  # fmt: skip
+    p.add_argument(
+        "--same-shape-sizes", action="store_true",
+        help="SAT size and CV-Bench Depth questions compare two objects of ONE shape, so the shape "
+        "names cannot predict the answer (by default the two shapes are drawn freely)",
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -712,7 +760,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     make_synthetic(
         a.out_dir, a.n_train, a.n_test, a.seed, a.image_size, a.n_val, a.cvbench_layout,
-        a.question_types, a.cvbench_tasks,
+        a.question_types, a.cvbench_tasks, a.same_shape_sizes,
     )  # fmt: skip
 
 
