@@ -15,6 +15,11 @@ Variants of the tiny model (same widths and depths; only the vision-to-text hand
              the language model only through M-RoPE.
   one_token  patch 14, spatial merge 8: the whole 8 x 8 patch grid is concatenated into ONE vision
              token, so every patch's position is explicit in that token's features.
+  coded      default widths, text rope_theta 10, and a POSITION CODE in the pixels: the background
+             of each vision token's 28 x 28 px square is its own light colour (red channel falls
+             with the column, blue with the row), so a token's values say where it is.
+  big_coded  the coded images and theta 10 with a 4x larger model: hidden 256 (4 heads), 4 layers,
+             vision width 64.
 
 --warmups: the default variant again, after the project's format warm-up (`warmup`, random
 answers, on the same training rows) with STEPS@LR, to measure what the RL start keeps of the ability
@@ -27,46 +32,101 @@ uniform guess among the options) and writes bench/results/task_learnability.json
 from __future__ import annotations
 
 import argparse
+import io
 import random
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from gold_training import print_table, train_and_score, write_results
+from PIL import Image as PILImage
 from transformers import Qwen2VLForConditionalGeneration
 
 from visualthinker_ray.data.sat import sat_record
-from visualthinker_ray.data.synthetic import make_cvbench_question, sat_row
+from visualthinker_ray.data.synthetic import make_cvbench_question, render_scene, sat_row
 from visualthinker_ray.models import build_processor, build_tiny_tokenizer, fan_in_init_, tiny_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("Depth", "Count", "Relation", "Distance")
-VARIANTS = {"default": 2, "one_token": 8}  # name -> spatial merge size
+
+
+@dataclass(frozen=True)
+class Variant:
+    merge: int = 2  # spatial merge size
+    rope_theta: float = 1_000_000.0
+    hidden: int = 128
+    layers: int = 2
+    vision_dim: int = 32
+    coded: bool = False  # position-coded backgrounds
+
+
+VARIANTS = {
+    "default": Variant(),
+    "one_token": Variant(merge=8),
+    "coded": Variant(rope_theta=10.0, coded=True),
+    "big_coded": Variant(rope_theta=10.0, hidden=256, layers=4, vision_dim=64, coded=True),
+}
 IMAGE_SIZE = 112
+CODE_CELL = 28  # px: one vision token's square (patch 14 x merge 2)
+WHITE = (255, 255, 255)  # no object colour is white: the background is exactly these pixels
 PIXELS = (IMAGE_SIZE * IMAGE_SIZE, IMAGE_SIZE * IMAGE_SIZE)  # every image exactly 112 x 112
 WINDOW = 250
 
 
 def build(variant: str, seed: int):
     """An in-memory fan-in tiny Qwen2-VL and its processor for a variant."""
-    merge = VARIANTS[variant]
+    v = VARIANTS[variant]
     tok = build_tiny_tokenizer()
-    processor = build_processor(tok, *PIXELS, merge_size=merge)
+    processor = build_processor(tok, *PIXELS, merge_size=v.merge)
+    config = tiny_model_config(
+        tok,
+        hidden_size=v.hidden,
+        num_layers=v.layers,
+        vision_embed_dim=v.vision_dim,
+        spatial_merge_size=v.merge,
+        rope_theta=v.rope_theta,
+    )
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(tiny_model_config(tok, spatial_merge_size=merge))
-    return fan_in_init_(model), processor
+    return fan_in_init_(Qwen2VLForConditionalGeneration(config)), processor
 
 
-def task_rows(task: str, n: int, split: str, seed: int) -> list[dict]:
+def position_coded_png(scene) -> bytes:
+    """The scene with each 28 px square of background in its own colour (column in red, row in blue)."""
+    pixels = np.array(render_scene(replace(scene, background=WHITE)))
+    cols = np.arange(scene.image_size) // CODE_CELL
+    code = np.empty_like(pixels)
+    code[..., 0] = (255 - 40 * cols)[None, :]
+    code[..., 1] = 235
+    code[..., 2] = (255 - 40 * cols)[:, None]
+    background = (pixels == WHITE).all(-1)
+    pixels[background] = code[background]
+    buf = io.BytesIO()
+    PILImage.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def task_rows(task: str, n: int, split: str, seed: int, coded: bool = False) -> list[dict]:
     """n SAT rows of one CV-Bench task (CV-Bench wording, SAT columns)."""
-    rngs = (random.Random(f"bench-tasks/{seed}/{split}/{task}/{i}") for i in range(n))
-    return [sat_row(make_cvbench_question(rng, task, IMAGE_SIZE)) for rng in rngs]
+    rows = []
+    for i in range(n):
+        q = make_cvbench_question(random.Random(f"bench-tasks/{seed}/{split}/{task}/{i}"), task, IMAGE_SIZE)
+        row = sat_row(q)
+        if coded:
+            row["image_bytes"] = [{"bytes": position_coded_png(q.scenes[0]), "path": None}]
+        rows.append(row)
+    return rows
 
 
 def records_of(rows: list[dict], split: str, seed: int) -> list:
     return [sat_record(row, i, split, seed=seed) for i, row in enumerate(rows)]
+
+
+def heldout_records(task: str, args, coded: bool) -> list:
+    return records_of(task_rows(task, args.heldout, "heldout", args.seed, coded), "heldout", args.seed)
 
 
 def warmed_default(rows: list[dict], steps: int, lr: float, seed: int, tmp: Path):
@@ -94,7 +154,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=4096, help="training rows per task")
     p.add_argument("--heldout", type=int, default=256, help="held-out rows per task")
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
-    p.add_argument("--variants", nargs="*", choices=sorted(VARIANTS), default=sorted(VARIANTS))
+    p.add_argument("--variants", nargs="*", choices=sorted(VARIANTS), default=["default", "one_token"])
     p.add_argument(
         "--warmups", nargs="*", default=[], metavar="STEPS@LR",
         help="also train the default variant after `warmup --steps STEPS --lr LR` (random answers)",
@@ -113,13 +173,17 @@ def main() -> None:
     results: dict[str, dict] = {}
     for task in args.tasks:
         train_rows = task_rows(task, args.rows, "train", args.seed)
-        train = records_of(train_rows, "train", args.seed)
-        heldout = records_of(task_rows(task, args.heldout, "heldout", args.seed), "heldout", args.seed)
-        chance = statistics.fmean(1 / len(r.choices) for r in heldout)
+        sets = {False: (records_of(train_rows, "train", args.seed), heldout_records(task, args, coded=False))}
+        chance = statistics.fmean(1 / len(r.choices) for r in sets[False][1])
         results[task] = {"chance": round(chance, 3)}
         for variant in columns:
             print(f"[tasks] {task} / {variant}: {args.steps} steps ...", flush=True)
             t0 = time.time()
+            coded = variant in VARIANTS and VARIANTS[variant].coded
+            if coded not in sets:  # the position-coded images, built once per task
+                rows = task_rows(task, args.rows, "train", args.seed, coded=True)
+                sets[coded] = (records_of(rows, "train", args.seed), heldout_records(task, args, coded=True))
+            train, heldout = sets[coded]
             if variant in VARIANTS:
                 model, processor = build(variant, args.seed)
             else:
@@ -130,9 +194,9 @@ def main() -> None:
                 model, processor, train, heldout, args, WINDOW, PIXELS, t0
             )
             print(f"  held-out exact accuracy {cell['heldout']:.3f} (chance {chance:.3f})", flush=True)
+            write_results(args.results, args, WINDOW, results)  # after every cell: a stopped run keeps it
 
     print_table("task", results, columns, args)
-    write_results(args.results, args, WINDOW, results)
 
 
 if __name__ == "__main__":
