@@ -97,11 +97,11 @@ def build(variant: str, seed: int):
 def position_coded_png(scene) -> bytes:
     """The scene with each 28 px square of background in its own colour (column in red, row in blue)."""
     pixels = np.array(render_scene(replace(scene, background=WHITE)))
-    cols = np.arange(scene.image_size) // CODE_CELL
+    level = 255 - 40 * (np.arange(scene.image_size) // CODE_CELL)  # per column, and per row (square)
     code = np.empty_like(pixels)
-    code[..., 0] = (255 - 40 * cols)[None, :]
+    code[..., 0] = level[None, :]  # red falls with the column
     code[..., 1] = 235
-    code[..., 2] = (255 - 40 * cols)[:, None]
+    code[..., 2] = level[:, None]  # blue falls with the row
     background = (pixels == WHITE).all(-1)
     pixels[background] = code[background]
     buf = io.BytesIO()
