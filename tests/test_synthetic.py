@@ -167,6 +167,13 @@ def _groups(pattern, text):
     return m.groups()
 
 
+def _size_pair(q):
+    """The two objects a size / Depth question names, found in its scene."""
+    a, b = _groups(r"Which (?:is bigger|object is closer to the camera taking this photo), "
+                   r"the (.+) or the (.+)\?", q.question)  # fmt: skip
+    return _one(q.scenes[0], a), _one(q.scenes[0], b)
+
+
 def _check_answerable(q):
     assert q.correct_answer in q.answers and len(set(q.answers)) == len(q.answers)
     scene = q.scenes[0]
@@ -201,9 +208,7 @@ def _check_answerable(q):
         else:
             assert b.box[hi] + gap <= a.box[lo]
     elif t in ("size", "Depth"):
-        a, b = _groups(r"Which (?:is bigger|object is closer to the camera taking this photo), "
-                       r"the (.+) or the (.+)\?", q.question)  # fmt: skip
-        a, b = _one(scene, a), _one(scene, b)
+        a, b = _size_pair(q)
         big, small = (a, b) if a.area > b.area else (b, a)
         assert big.name == q.correct_answer and big.area >= 2 * small.area
         assert set(q.answers) == {a.name, b.name}
@@ -370,13 +375,6 @@ def test_make_synthetic_cli_takes_the_family_options(tmp_path):
     assert sorted(r.question_type for r in cvb.records) == ["Count", "Count", "Relation", "Relation"]
     with pytest.raises(SystemExit):
         cli_main(["make-synthetic", "--out", str(tmp_path / "h"), "--question-types", "nonsense"])
-
-
-def _size_pair(q):
-    """The two objects a size / Depth question names, found in its scene."""
-    a, b = _groups(r"Which (?:is bigger|object is closer to the camera taking this photo), "
-                   r"the (.+) or the (.+)\?", q.question)  # fmt: skip
-    return _one(q.scenes[0], a), _one(q.scenes[0], b)
 
 
 def test_same_shape_sizes_name_two_objects_of_one_shape_and_stay_answerable():
