@@ -24,7 +24,6 @@ bench/results/position_probe.json.
 from __future__ import annotations
 
 import argparse
-import io
 import random
 import statistics
 import time
@@ -32,15 +31,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gold_training import print_table, train_and_score, write_results
-from PIL import Image as PILImage
+from gold_training import background_png, print_table, train_and_score, write_results
 from transformers import Qwen2VLForConditionalGeneration
 
 from visualthinker_ray.data.sat import sat_record
 from visualthinker_ray.data.synthetic import (
     SyntheticQuestion,
     make_one_object_color_question,
-    render_scene,
     sat_row,
 )
 from visualthinker_ray.models import build_processor, build_tiny_tokenizer, fan_in_init_, tiny_model_config
@@ -51,7 +48,6 @@ PIXELS = (IMAGE_SIZE * IMAGE_SIZE, IMAGE_SIZE * IMAGE_SIZE)
 PROBES = ("color", "side")
 VARIANTS = ("default", "theta10", "gradient")
 WINDOW = 100
-WHITE = (255, 255, 255)  # no object colour is white: background pixels are exactly these
 
 
 def side_question(rng: random.Random) -> SyntheticQuestion:
@@ -68,18 +64,11 @@ def side_question(rng: random.Random) -> SyntheticQuestion:
 
 
 def gradient_png(scene) -> bytes:
-    """The scene on a white background, then the white replaced by a left-to-right red ramp."""
-    from dataclasses import replace
-
-    pixels = np.array(render_scene(replace(scene, background=WHITE)))
-    ramp = np.empty_like(pixels)
+    """The scene with its background replaced by a left-to-right red ramp."""
+    ramp = np.empty((scene.image_size, scene.image_size, 3), dtype=np.uint8)
     ramp[...] = (0, 235, 200)
     ramp[..., 0] = np.linspace(150, 250, scene.image_size).round().astype(np.uint8)[None, :]
-    background = (pixels == WHITE).all(-1)
-    pixels[background] = ramp[background]
-    buf = io.BytesIO()
-    PILImage.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
+    return background_png(scene, ramp)
 
 
 def probe_records(probe: str, variant: str, n: int, split: str, seed: int) -> list:

@@ -32,22 +32,20 @@ uniform guess among the options) and writes bench/results/task_learnability.json
 from __future__ import annotations
 
 import argparse
-import io
 import random
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from gold_training import print_table, train_and_score, write_results
-from PIL import Image as PILImage
+from gold_training import background_png, print_table, train_and_score, write_results
 from transformers import Qwen2VLForConditionalGeneration
 
 from visualthinker_ray.data.sat import sat_record
-from visualthinker_ray.data.synthetic import make_cvbench_question, render_scene, sat_row
+from visualthinker_ray.data.synthetic import make_cvbench_question, sat_row
 from visualthinker_ray.models import build_processor, build_tiny_tokenizer, fan_in_init_, tiny_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +70,6 @@ VARIANTS = {
 }
 IMAGE_SIZE = 112
 CODE_CELL = 28  # px: one vision token's square (patch 14 x merge 2)
-WHITE = (255, 255, 255)  # no object colour is white: the background is exactly these pixels
 PIXELS = (IMAGE_SIZE * IMAGE_SIZE, IMAGE_SIZE * IMAGE_SIZE)  # every image exactly 112 x 112
 WINDOW = 250
 
@@ -96,17 +93,12 @@ def build(variant: str, seed: int):
 
 def position_coded_png(scene) -> bytes:
     """The scene with each 28 px square of background in its own colour (column in red, row in blue)."""
-    pixels = np.array(render_scene(replace(scene, background=WHITE)))
     level = 255 - 40 * (np.arange(scene.image_size) // CODE_CELL)  # per column, and per row (square)
-    code = np.empty_like(pixels)
+    code = np.empty((scene.image_size, scene.image_size, 3), dtype=np.uint8)
     code[..., 0] = level[None, :]  # red falls with the column
     code[..., 1] = 235
     code[..., 2] = level[:, None]  # blue falls with the row
-    background = (pixels == WHITE).all(-1)
-    pixels[background] = code[background]
-    buf = io.BytesIO()
-    PILImage.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
+    return background_png(scene, code)
 
 
 def task_rows(task: str, n: int, split: str, seed: int, coded: bool = False) -> list[dict]:

@@ -1,5 +1,6 @@
 """Gold-answer supervised training of a tiny model on SAT records: the upper bound of what RL could
-teach it, shared by bench_init.py and bench_task_learnability.py (not a benchmark itself).
+teach it, shared by bench_init.py, bench_task_learnability.py and bench_position_probe.py (not a
+benchmark itself), with the background recolouring their position-coded image variants share.
 
 The loss is the warm-up's masked cross-entropy on the completion "</think>\\n<answer> {gold}</answer>"
 after the exact SAT training prompt (`encode_prompt`, the path the engines and learner use). A
@@ -8,15 +9,32 @@ completion counts as right when every one of its tokens is the argmax under teac
 
 from __future__ import annotations
 
+import io
 import json
 import platform
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image as PILImage
 
+from visualthinker_ray.data.synthetic import render_scene
 from visualthinker_ray.sequences import build_batch, encode_prompt
+
+WHITE = (255, 255, 255)  # no object colour is white: background pixels are exactly these
+
+
+def background_png(scene, background: np.ndarray) -> bytes:
+    """The scene drawn on white, then every background pixel taken from `background` (H x W x 3)."""
+    pixels = np.array(render_scene(replace(scene, background=WHITE)))
+    behind = (pixels == WHITE).all(-1)
+    pixels[behind] = background[behind]
+    buf = io.BytesIO()
+    PILImage.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def gold_target(tokenizer, record) -> list[int]:
