@@ -160,6 +160,36 @@ def test_grounded_examples_show_their_question_and_say_where_its_objects_are():
     assert again[0][1] == pairs[0][1] and again[0][0].question == pairs[0][0].question
 
 
+def test_grounded_families_narrow_the_questions_to_those_asked_for():
+    families = wu.GroundedFamilies(("size",), ("Depth",), same_shape_sizes=True)
+    rng = random.Random(13)
+    pairs = [wu.grounded_example(rng, 96, i, families) for i in range(200)]
+    kinds = Counter(r.question_type for r, _ in pairs)
+    assert set(kinds) == {"size", "Depth"} and min(kinds.values()) > 60, kinds
+    for record, grounding in pairs:
+        shapes = {choice.split()[-1] for choice in record.choices}
+        assert len(record.choices) == 2 and len(shapes) == 1, record.choices  # one shape, two colours
+        assert re.findall(r"The (\w+ \w+) is at", grounding) == [
+            c for c in re.findall(r"the (\w+ \w+)", record.meta["raw_question"]) if c in record.choices
+        ]
+    # without same_shape_sizes the size pairs mix shapes again
+    free = [wu.grounded_example(rng, 96, i, wu.GroundedFamilies(("size",), ("Depth",))) for i in range(100)]
+    assert sum(len({c.split()[-1] for c in r.choices}) == 2 for r, _ in free) > 50
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(reasoning="grounded", families=wu.GroundedFamilies(cvbench_tasks=("Depht",))), "cvbench_tasks"),
+        (dict(reasoning="grounded", families=wu.GroundedFamilies(question_types=())), "question_types"),
+        (dict(families=wu.GroundedFamilies(("size",))), "reasoning='grounded'"),
+    ],
+)
+def test_bad_grounded_families_are_refused_before_any_work(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        wu.warmup("no-model", "no-data", str(tmp_path), **kwargs)
+
+
 def test_grounded_targets_keep_the_grounding_and_answer_at_random():
     rng = random.Random(12)
     record = _record(["red circle", "blue square"], gold="red circle", question_type="size")
@@ -290,3 +320,24 @@ def test_grounded_warmup_trains_on_fresh_questions_of_the_data_image_size(
     template = wu.warmup(tiny_model_dir, data, str(tmp_path / "c"), seed=1, steps=2, batch_size=3, limit=4,
                          log=lambda *_: None)  # fmt: skip
     assert template["losses"] != a["losses"]
+
+
+def test_cli_grounded_warmup_draws_only_the_families_given(tiny_model_dir, synthetic_dir, tmp_path, capsys):
+    from visualthinker_ray.cli import main
+
+    out = tmp_path / "narrow"
+    argv = ["warmup", "--model", tiny_model_dir, "--data", str(synthetic_dir / "SAT"), "--out", str(out),
+            "--reasoning", "grounded", "--question-types", "size", "--cvbench-tasks", "Depth",
+            "--same-shape-sizes", "--steps", "1", "--batch-size", "2", "--limit", "4", "--check-prompts", "0"]  # fmt: skip
+    assert main(argv) == 0
+    settings = json.loads((out / "warmup.json").read_text())["settings"]
+    assert settings["families"] == {
+        "question_types": ["size"],
+        "cvbench_tasks": ["Depth"],
+        "same_shape_sizes": True,
+    }
+    assert "(size, Depth)" in capsys.readouterr().out
+    # families with the template warm-up: a clear error, exit code 2, nothing written
+    bad = tmp_path / "bad"
+    assert main(argv[:6] + [str(bad), "--question-types", "size", "--steps", "1"]) == 2
+    assert not bad.exists()

@@ -94,12 +94,19 @@ def cmd_eval(args) -> int:
 def cmd_warmup(args) -> int:
     import json
 
-    from visualthinker_ray.warmup import format_and_accuracy, warmup
+    from visualthinker_ray.warmup import GroundedFamilies, format_and_accuracy, warmup
 
+    families = None
+    if args.question_types or args.cvbench_tasks or args.same_shape_sizes:
+        families = GroundedFamilies(
+            tuple(args.question_types) if args.question_types else None,
+            tuple(args.cvbench_tasks) if args.cvbench_tasks else None,
+            args.same_shape_sizes,
+        )
     summary = warmup(
         args.model, args.data, args.out, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
         seed=args.seed, limit=args.limit, log_every=args.log_every,
-        lettered_fraction=args.lettered_fraction, reasoning=args.reasoning,
+        lettered_fraction=args.lettered_fraction, reasoning=args.reasoning, families=families,
     )  # fmt: skip
     if args.check_prompts > 0:
         check = format_and_accuracy(
@@ -223,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-prompts", type=int, default=32, help="held-out prompts for the check (0: skip)")
     p.add_argument("--check-group-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=48)
+    # With --reasoning grounded: draw only these families (match the data RL trains on).
+    add_family_options(p)
     p.set_defaults(func=cmd_warmup)
 
     p = sub.add_parser("plot", help="PNG of reward, held-out accuracy and response length from a run's logs")

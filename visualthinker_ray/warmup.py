@@ -149,20 +149,37 @@ def lettered_variant(record: PromptRecord) -> PromptRecord:
 GROUNDED_CVBENCH_TASKS = ("Count", "Relation", "Depth", "Distance")
 
 
-def grounded_example(rng: random.Random, image_size: int, index: int) -> tuple[PromptRecord, str]:
-    """A fresh synthetic question (kind drawn uniformly) as a SAT record, and its grounding text."""
-    from visualthinker_ray.data.sat import sat_record
-    from visualthinker_ray.data.synthetic import (
-        QUESTION_TYPES,
-        grounding_text,
-        make_cvbench_question,
-        make_question,
-        sat_row,
-    )
+@dataclass(frozen=True)
+class GroundedFamilies:
+    """Which synthetic questions the grounded warm-up draws: SAT question types and CV-Bench tasks
+    (None: all of them), and whether size/Depth pairs share one shape (``make-synthetic``'s options
+    of the same names, so a warm-up can match the data RL trains and is evaluated on)."""
 
-    kind = rng.choice(QUESTION_TYPES + GROUNDED_CVBENCH_TASKS)
+    question_types: tuple[str, ...] | None = None
+    cvbench_tasks: tuple[str, ...] | None = None
+    same_shape_sizes: bool = False
+
+    def kinds(self) -> tuple[str, ...]:
+        from visualthinker_ray.data.synthetic import QUESTION_TYPES, check_subset
+
+        check_subset(self.question_types, QUESTION_TYPES, "grounded warm-up question_types")
+        check_subset(self.cvbench_tasks, GROUNDED_CVBENCH_TASKS, "grounded warm-up cvbench_tasks")
+        sat_types = self.question_types or QUESTION_TYPES
+        return tuple(sat_types) + tuple(self.cvbench_tasks or GROUNDED_CVBENCH_TASKS)
+
+
+def grounded_example(
+    rng: random.Random, image_size: int, index: int, families: GroundedFamilies = GroundedFamilies()
+) -> tuple[PromptRecord, str]:
+    """A fresh synthetic question (kind drawn uniformly from ``families``) as a SAT record, and its
+    grounding text."""
+    from visualthinker_ray.data.sat import sat_record
+    from visualthinker_ray.data.synthetic import grounding_text, make_cvbench_question, make_question, sat_row
+
+    kind = rng.choice(families.kinds())
     cvbench = kind in GROUNDED_CVBENCH_TASKS
-    q = make_cvbench_question(rng, kind, image_size) if cvbench else make_question(rng, kind, image_size)
+    make = make_cvbench_question if cvbench else make_question
+    q = make(rng, kind, image_size, same_shape_sizes=families.same_shape_sizes)
     record = sat_record(sat_row(q), index, "warmup")
     return (lettered_variant(record) if cvbench else record), grounding_text(q)
 
@@ -181,9 +198,10 @@ def grounded_batch(
     first_index: int,
     lettered_fraction: float,
     gold: bool = False,
+    families: GroundedFamilies = GroundedFamilies(),
 ) -> tuple[list[PromptRecord], list[str]]:
     """n fresh grounded examples as the warm-up shows them (``_as_shown``) and their target texts."""
-    pairs = [grounded_example(rng, image_size, first_index + k) for k in range(n)]
+    pairs = [grounded_example(rng, image_size, first_index + k, families) for k in range(n)]
     shown = [_as_shown(r, rng, lettered_fraction) for r, _ in pairs]
     return shown, [
         target_completion(r, rng, gold, grounding=g) for r, (_, g) in zip(shown, pairs, strict=True)
@@ -227,6 +245,7 @@ class WarmupSettings:
     max_pixels: int
     lettered_fraction: float
     reasoning: str
+    families: GroundedFamilies | None
 
 
 REASONINGS = ("template", "grounded")
@@ -269,6 +288,7 @@ def warmup(
     log=print,
     reasoning: str = "template",
     on_log=None,
+    families: GroundedFamilies | None = None,
 ) -> dict:
     """Fit the format on SAT training records (``load_sat(data, "train", limit)``) and save the model.
 
@@ -282,7 +302,8 @@ def warmup(
     step draws fresh synthetic questions (``grounded_example``: SAT types and CV-Bench tasks, images
     the size of ``data``'s) and the reasoning says where the asked-about objects are
     (``synthetic.grounding_text``), still followed by a RANDOM option. It needs thousands of steps
-    (the tiny model learns positions slowly) and answers at chance as well.
+    (the tiny model learns positions slowly) and answers at chance as well. ``families`` (grounded
+    only) narrows the questions it draws to those RL will train and be evaluated on.
     ``on_log(step, model)``, if given, runs after every log line (benchmarks measure the model
     there; it must leave the model in train mode).
     ``gold_answers`` trains on the GOLD option instead: a diagnostic (how much can this model learn
@@ -299,9 +320,14 @@ def warmup(
         raise ValueError(f"lettered_fraction must be in [0, 1], got {lettered_fraction}")
     if reasoning not in REASONINGS:
         raise ValueError(f"reasoning must be one of {REASONINGS}, got {reasoning!r}")
+    if families is not None and reasoning != "grounded":
+        raise ValueError("question families narrow the grounded warm-up only: pass reasoning='grounded'")
+    families = families or GroundedFamilies()
+    families.kinds()  # a bad family name fails here, before any work
     settings = WarmupSettings(
         str(model_dir), str(data), str(out_dir), steps, lr, batch_size, seed, limit, warmup_steps,
         weight_decay, min_pixels, max_pixels, lettered_fraction, reasoning,
+        families if reasoning == "grounded" else None,
     )  # fmt: skip
     t_start = time.perf_counter()
     records = [r for r in load_sat(data, "train", limit=limit).records if r.choices]
@@ -324,12 +350,13 @@ def warmup(
         def step_inputs(step: int):
             """Fresh questions: (prompts, completion texts)."""
             shown, texts = grounded_batch(
-                rng, image_size, batch_size, step * batch_size, lettered_fraction, gold_answers
+                rng, image_size, batch_size, step * batch_size, lettered_fraction, gold_answers, families
             )
             chance_per_step.append(chance_accuracy(shown))
             return [encode(r) for r in shown], texts
 
-        log(f"[warmup] grounded: fresh synthetic questions of {image_size} px every step")
+        kinds = ", ".join(families.kinds())
+        log(f"[warmup] grounded: fresh synthetic questions of {image_size} px every step ({kinds})")
     else:
         chance_per_step = [chance_accuracy(records)]
         encoded = [encode(r) for r in records]

@@ -545,7 +545,7 @@ def sat_row(q: SyntheticQuestion) -> dict:
     }
 
 
-def _check_subset(given: tuple[str, ...] | list[str] | None, known: tuple[str, ...], what: str) -> None:
+def check_subset(given: tuple[str, ...] | list[str] | None, known: tuple[str, ...], what: str) -> None:
     if given is not None and (not given or any(g not in known for g in given)):
         raise ValueError(f"{what} must be a non-empty subset of {list(known)}, got {list(given)}")
 
@@ -565,7 +565,7 @@ def sat_columns(
     QUESTION_TYPES; the rows are then the same as before the option existed). same_shape_sizes:
     size questions compare two objects of one shape.
     """
-    _check_subset(question_types, QUESTION_TYPES, "question_types")
+    check_subset(question_types, QUESTION_TYPES, "question_types")
     cols: dict[str, list] = {k: [] for k in sat_features()}
     for i in range(n):
         rng = _row_rng(seed, f"sat-{split}", i)
@@ -669,7 +669,7 @@ def write_cvbench(
     `tasks`: only these CV-Bench tasks (default: all four, balanced)."""
     if layout not in ("split", "single"):
         raise ValueError(f"layout must be 'split' or 'single', got {layout!r}")
-    _check_subset(tasks, CVBENCH_2D_TASKS + CVBENCH_3D_TASKS, "tasks")
+    check_subset(tasks, CVBENCH_2D_TASKS + CVBENCH_3D_TASKS, "tasks")
     tasks_2d, sources_2d, tasks_3d, sources_3d = _cvbench_plan(n, tasks)
     if layout == "split" and not (tasks_2d and tasks_3d):  # an empty parquet cannot be loaded
         raise ValueError(
@@ -738,7 +738,7 @@ def add_family_options(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--cvbench-tasks", nargs="+", choices=CVBENCH_2D_TASKS + CVBENCH_3D_TASKS, default=None,
-        help="CV-Bench tasks to write (default: all four)",
+        help="CV-Bench tasks to draw (default: all four)",
     )  # fmt: skip
     p.add_argument(
         "--same-shape-sizes", action="store_true",
