@@ -169,8 +169,8 @@ def _groups(pattern, text):
 
 def _size_pair(q):
     """The two objects a size / Depth question names, found in its scene."""
-    a, b = _groups(r"Which (?:is bigger|object is closer to the camera taking this photo), "
-                   r"the (.+) or the (.+)\?", q.question)  # fmt: skip
+    a, b = _groups(r"Which (?:is bigger|is closer to the camera|object is closer to the camera taking "
+                   r"this photo), the (.+) or the (.+)\?", q.question)  # fmt: skip
     return _one(q.scenes[0], a), _one(q.scenes[0], b)
 
 
@@ -207,7 +207,7 @@ def _check_answerable(q):
             assert a.box[hi] + gap <= b.box[lo]
         else:
             assert b.box[hi] + gap <= a.box[lo]
-    elif t in ("size", "Depth"):
+    elif t in ("size", "depth", "Depth"):
         a, b = _size_pair(q)
         big, small = (a, b) if a.area > b.area else (b, a)
         assert big.name == q.correct_answer and big.area >= 2 * small.area
@@ -237,7 +237,7 @@ def _check_answerable(q):
         raise AssertionError(f"unexpected question type {t}")
 
 
-@pytest.mark.parametrize("qtype", syn.QUESTION_TYPES + (syn.MOTION_TYPE,))
+@pytest.mark.parametrize("qtype", syn.SELECTABLE_QUESTION_TYPES + (syn.MOTION_TYPE,))
 def test_sat_questions_are_answerable_from_the_scene(qtype):
     for i in range(80):
         q = syn.make_question(random.Random(i), qtype)
@@ -282,7 +282,7 @@ def test_bad_arguments_are_refused():
 
 def _gold_label(q):
     """The label a constant answerer could bet on: the answer text, or first- vs second-mentioned."""
-    if q.question_type in ("size", "Depth", "Distance"):
+    if q.question_type in ("size", "depth", "Depth", "Distance"):
         other = next(a for a in q.answers if a != q.correct_answer)
         return "first" if q.question.index(q.correct_answer) < q.question.index(other) else "second"
     return q.correct_answer
@@ -300,11 +300,11 @@ def _assert_balanced(questions, tol=0.1):
     assert min(labels.values()) / n >= 1 / len(labels) - tol, labels
 
 
-@pytest.mark.parametrize("qtype", syn.QUESTION_TYPES + (syn.MOTION_TYPE,))
+@pytest.mark.parametrize("qtype", syn.SELECTABLE_QUESTION_TYPES + (syn.MOTION_TYPE,))
 def test_sat_gold_position_and_label_are_balanced(qtype):
     questions = [syn.make_question(random.Random(f"bal/{i}"), qtype) for i in range(N_PER_TYPE)]
     _assert_balanced(questions)
-    if qtype in ("left_right", "above_below", "size", syn.MOTION_TYPE):
+    if qtype in ("left_right", "above_below", "size", "depth", syn.MOTION_TYPE):
         assert len(Counter(map(_gold_label, questions))) == 2
 
 
@@ -321,7 +321,7 @@ def test_cvbench_gold_position_and_label_are_balanced(task):
 def test_question_types_are_spread_in_the_written_split():
     cols = syn.sat_columns(120, "static", seed=0)
     counts = Counter(cols["question_type"])
-    assert set(counts) == set(syn.QUESTION_TYPES)
+    assert set(counts) == set(syn.QUESTION_TYPES)  # the optional "depth" only when asked for
     assert min(counts.values()) >= 8  # about 20 each
 
 
@@ -393,6 +393,22 @@ def test_same_shape_sizes_name_two_objects_of_one_shape_and_stay_answerable():
     assert set(shapes) == set(syn.SHAPES) and min(shapes.values()) > N_PER_TYPE / 6
     first = sum(_size_pair(q)[0].name == q.correct_answer for q in golds) / N_PER_TYPE
     assert 0.4 < first < 0.6
+
+
+def test_depth_questions_ask_about_a_size_pair_the_way_sat_asks_about_depth(tmp_path):
+    for i in range(60):
+        q, size = syn.make_question(random.Random(i), "depth"), syn.make_question(random.Random(i), "size")
+        # the same scene, options and gold as the size question drawn from the same generator state
+        assert (q.scenes, q.answers, q.correct_answer) == (size.scenes, size.answers, size.correct_answer)
+        assert q.question.startswith("Which is closer to the camera, the ") and q.question_type == "depth"
+        a, b = _size_pair(syn.make_question(random.Random(i), "depth", same_shape_sizes=True))
+        assert a.shape == b.shape
+    rc = cli_main(["make-synthetic", "--out", str(tmp_path / "d"), "--train", "10", "--test", "4",
+                   "--question-types", "depth", "size", "--cvbench-tasks", "Depth", "--same-shape-sizes"])  # fmt: skip
+    assert rc == 0
+    sat = load_sat(tmp_path / "d" / "SAT", "train", cache_dir=str(tmp_path / "c"))
+    assert {r.question_type for r in sat.records} == {"depth", "size"}
+    assert all(len({c.split()[-1] for c in r.choices}) == 1 for r in sat.records)
 
 
 def test_size_pairs_mix_shapes_by_default_so_a_shape_prior_exists():

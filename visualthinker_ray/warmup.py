@@ -70,6 +70,11 @@ REASONING_BY_TYPE: dict[str, tuple[str, ...]] = {
         "I think about which object is bigger.",
         "I see the size of the two objects.",
     ),
+    "depth": (
+        "I compare how near the two objects are.",
+        "I think about which object is closer.",
+        "I see the two objects and the camera.",
+    ),
 }
 # For question types without their own sentences (real SAT has many more types).
 GENERIC_REASONING: tuple[str, ...] = (
@@ -160,9 +165,9 @@ class GroundedFamilies:
     same_shape_sizes: bool = False
 
     def kinds(self) -> tuple[str, ...]:
-        from visualthinker_ray.data.synthetic import QUESTION_TYPES, check_subset
+        from visualthinker_ray.data.synthetic import QUESTION_TYPES, SELECTABLE_QUESTION_TYPES, check_subset
 
-        check_subset(self.question_types, QUESTION_TYPES, "grounded warm-up question_types")
+        check_subset(self.question_types, SELECTABLE_QUESTION_TYPES, "grounded warm-up question_types")
         check_subset(self.cvbench_tasks, GROUNDED_CVBENCH_TASKS, "grounded warm-up cvbench_tasks")
         sat_types = self.question_types or QUESTION_TYPES
         return tuple(sat_types) + tuple(self.cvbench_tasks or GROUNDED_CVBENCH_TASKS)

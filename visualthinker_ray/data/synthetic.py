@@ -36,7 +36,12 @@ COLOR_NAMES = tuple(COLORS)
 SHAPES = ("circle", "square", "triangle")
 BACKGROUNDS = ((255, 255, 255), (245, 245, 240), (238, 242, 248), (250, 245, 235))
 
-QUESTION_TYPES = ("color", "shape", "count", "left_right", "above_below", "size")
+QUESTION_TYPES = ("color", "shape", "count", "left_right", "above_below", "size")  # drawn by default
+# Drawn only when asked for (--question-types), so the default rows stay as they were: "depth" is a
+# size pair asked the way SAT asks about depth ("closer to the camera"), the wording CV-Bench's Depth
+# task tests.
+OPTIONAL_QUESTION_TYPES = ("depth",)
+SELECTABLE_QUESTION_TYPES = QUESTION_TYPES + OPTIONAL_QUESTION_TYPES
 MOTION_TYPE = "movement"  # the two-image question type (SAT's train split has such rows)
 CVBENCH_2D_TASKS = ("Count", "Relation")
 CVBENCH_3D_TASKS = ("Depth", "Distance")
@@ -316,15 +321,21 @@ def _relation_question(
 
 
 SAT_SIZE_TEMPLATE = "Which is bigger, the {a} or the {b}?"
+SAT_DEPTH_TEMPLATE = "Which is closer to the camera, the {a} or the {b}?"
 # Depth in a flat render: the bigger object stands for the one closer to the camera.
 CVBENCH_DEPTH_TEMPLATE = "Which object is closer to the camera taking this photo, the {a} or the {b}?"
 
 
 def _size_question(
-    rng: random.Random, image_size: int, template: str = SAT_SIZE_TEMPLATE, same_shape: bool = False
+    rng: random.Random,
+    image_size: int,
+    template: str = SAT_SIZE_TEMPLATE,
+    same_shape: bool = False,
+    question_type: str = "size",
 ) -> SyntheticQuestion:
-    """Which of two objects is bigger. same_shape: both of one shape, so that the shape names
-    (a square covers more than a circle of the same radius) cannot predict the answer."""
+    """Which of two objects is bigger (or, the same pair, closer to the camera). same_shape: both of
+    one shape, so that the shape names (a square covers more than a circle of the same radius)
+    cannot predict the answer."""
 
     def clear(o):
         return max(o[0].area, o[1].area) >= MIN_AREA_RATIO * min(o[0].area, o[1].area)
@@ -334,7 +345,8 @@ def _size_question(
     # The gold is mentioned first or second with equal chance.
     first, second = (big, small) if rng.random() < 0.5 else (small, big)
     question = template.format(a=first.name, b=second.name)
-    return SyntheticQuestion("size", question, _shuffled(rng, [first.name, second.name]), big.name, (scene,))
+    options = _shuffled(rng, [first.name, second.name])
+    return SyntheticQuestion(question_type, question, options, big.name, (scene,))
 
 
 CVBENCH_DISTANCE_TEMPLATE = "Which of these two objects (the {a} or the {b}) is closer to the {c}?"
@@ -442,9 +454,9 @@ def make_question(
     image_size: int = 112,
     same_shape_sizes: bool = False,
 ) -> SyntheticQuestion:
-    """One SAT-style question of a type (QUESTION_TYPES, or MOTION_TYPE for a two-image one); a
-    single-image type is drawn uniformly when none is given. same_shape_sizes: size questions
-    compare two objects of one shape."""
+    """One SAT-style question of a type (SELECTABLE_QUESTION_TYPES, or MOTION_TYPE for a two-image
+    one); a type of QUESTION_TYPES is drawn uniformly when none is given. same_shape_sizes: size and
+    depth questions compare two objects of one shape."""
     qtype = question_type or rng.choice(QUESTION_TYPES)
     if qtype == "color":
         return _color_question(rng, image_size)
@@ -458,9 +470,12 @@ def make_question(
         return _relation_question(rng, image_size, "y")
     if qtype == "size":
         return _size_question(rng, image_size, same_shape=same_shape_sizes)
+    if qtype == "depth":
+        return _size_question(rng, image_size, SAT_DEPTH_TEMPLATE, same_shape_sizes, "depth")
     if qtype == MOTION_TYPE:
         return make_motion_question(rng, image_size)
-    raise ValueError(f"unknown question_type {qtype!r}; expected one of {QUESTION_TYPES + (MOTION_TYPE,)}")
+    known = SELECTABLE_QUESTION_TYPES + (MOTION_TYPE,)
+    raise ValueError(f"unknown question_type {qtype!r}; expected one of {known}")
 
 
 def make_cvbench_question(
@@ -565,7 +580,7 @@ def sat_columns(
     QUESTION_TYPES; the rows are then the same as before the option existed). same_shape_sizes:
     size questions compare two objects of one shape.
     """
-    check_subset(question_types, QUESTION_TYPES, "question_types")
+    check_subset(question_types, SELECTABLE_QUESTION_TYPES, "question_types")
     cols: dict[str, list] = {k: [] for k in sat_features()}
     for i in range(n):
         rng = _row_rng(seed, f"sat-{split}", i)
@@ -733,8 +748,9 @@ def make_synthetic(
 def add_family_options(p: argparse.ArgumentParser) -> None:
     """--question-types / --cvbench-tasks, shared by this module's CLI and `make-synthetic`."""
     p.add_argument(
-        "--question-types", nargs="+", choices=QUESTION_TYPES, default=None,
-        help="SAT question types to draw (default: all)",
+        "--question-types", nargs="+", choices=SELECTABLE_QUESTION_TYPES, default=None,
+        help=f"SAT question types to draw (default: {', '.join(QUESTION_TYPES)}; 'depth', a size pair "
+        "asked as 'closer to the camera', only when named)",
     )  # fmt: skip
     p.add_argument(
         "--cvbench-tasks", nargs="+", choices=CVBENCH_2D_TASKS + CVBENCH_3D_TASKS, default=None,
@@ -742,7 +758,7 @@ def add_family_options(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--same-shape-sizes", action="store_true",
-        help="SAT size and CV-Bench Depth questions compare two objects of ONE shape, so the shape "
+        help="SAT size/depth and CV-Bench Depth questions compare two objects of ONE shape, so the shape "
         "names cannot predict the answer (by default the two shapes are drawn freely)",
     )  # fmt: skip
 
