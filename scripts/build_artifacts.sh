@@ -4,7 +4,8 @@
 # code that made it and the stamps of its inputs. A folder whose stamp matches is reused; one built
 # by other code or options (or by an older checkout, with no stamp) is rebuilt, so a code change
 # never trains on stale inputs. DATA_ARGS and WARMUP_ARGS add options to make-synthetic and to the
-# warm-up (e.g. WARMUP_ARGS="--steps 200 --lr 2e-3").
+# warm-up (e.g. WARMUP_ARGS="--steps 300" for a quick look at the pipeline: such a short warm-up
+# gives a start that does not learn within the default run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=${1:-artifacts}
@@ -34,16 +35,21 @@ build() {
 }
 
 M=visualthinker_ray
-model_cmd="$PY -m $M make-tiny-model --out $ROOT/tiny-model --seed 0"
-data_cmd="$PY -m $M make-synthetic --out $ROOT/data --train 512 --test 128 --seed 0 ${DATA_ARGS:-}"
-warm_cmd="$PY -m $M warmup --model $ROOT/tiny-model --data $ROOT/data/SAT --out $ROOT/warm-model --log-every 100 ${WARMUP_ARGS:-}"
+# The embedded default (README, "Status of the toy-scale learning run"): a fan-in tiny model with
+# text M-RoPE base 10 (so image columns get distinct rotations); SAT "depth" and CV-Bench Depth
+# questions about two objects of ONE shape (only the image says which is closer); a grounded
+# warm-up of 10,000 steps (about 31 minutes on 2 cores, once: the folder is reused afterwards).
+model_cmd="$PY -m $M make-tiny-model --out $ROOT/tiny-model --seed 0 --init fan_in --rope-theta 10"
+data_cmd="$PY -m $M make-synthetic --out $ROOT/data --train 4096 --test 256 --seed 0 --question-types depth --cvbench-tasks Depth --same-shape-sizes ${DATA_ARGS:-}"
+warm_cmd="$PY -m $M warmup --model $ROOT/tiny-model --data $ROOT/data/SAT --out $ROOT/warm-model --reasoning grounded --steps 10000 --lr 1e-3 --log-every 500 --max-new-tokens 96 ${WARMUP_ARGS:-}"
 
 # shellcheck disable=SC2086  # the commands are word-split on purpose
 build "$ROOT/tiny-model" "$(key "$model_cmd" $M/models.py)" $model_cmd
 # shellcheck disable=SC2086
 build "$ROOT/data" "$(key "$data_cmd" $M/data/synthetic.py)" $data_cmd
-# The stand-in for a pretrained base model: a short supervised warm-up that teaches the R1-Zero
-# format with RANDOM answers (it writes well-formed completions and answers at chance).
+# The stand-in for a pretrained base model: a supervised warm-up that teaches the R1-Zero format,
+# with reasoning that says where the asked-about objects are and how big, and a RANDOM answer (it
+# writes well-formed completions and answers at chance).
 warm_key=$(key "$warm_cmd" $M/warmup.py $M/sequences.py $M/data/*.py "$ROOT/tiny-model/.stamp" "$ROOT/data/.stamp")
 # shellcheck disable=SC2086
 build "$ROOT/warm-model" "$warm_key" $warm_cmd

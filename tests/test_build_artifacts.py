@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def build(out: Path, data_args: str = "") -> str:
+def build(out: Path, data_args: str = "--train 48 --test 16") -> str:
     env = dict(os.environ, PY=sys.executable, WARMUP_ARGS="--steps 2 --check-prompts 0", DATA_ARGS=data_args)
     done = subprocess.run(
         ["bash", str(ROOT / "scripts/build_artifacts.sh"), str(out)],
@@ -43,7 +43,7 @@ def test_reuses_matching_stamps_and_rebuilds_stale_inputs_and_their_dependants(t
     assert mtimes(out) == first
 
     # Data made another way (here: other options): it and the warm-up trained on it are rebuilt.
-    log = build(out, data_args="--test 64")
+    log = build(out, data_args="--train 48 --test 24")
     assert "rebuilding" in log and f"reusing {out / 'tiny-model'}" in log, log
     now = mtimes(out)
     assert now["tiny-model"] == first["tiny-model"]

@@ -240,6 +240,7 @@ def test_submit_tiny_job(ray_head, tiny_model_dir, synthetic_dir, tmp_path):
         "algorithm.group_size=2",
         "rollout.engine=hf",
         "rollout.max_new_tokens=16",
+        "rollout.eval_max_new_tokens=16",
         # Absolute paths: artifacts/ and runs/ are not uploaded; the head runs on this machine.
         f"model.path={tiny_model_dir}",
         f"data.train={Path(synthetic_dir) / 'SAT'}",
