@@ -178,16 +178,22 @@ def test_grounded_families_narrow_the_questions_to_those_asked_for():
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("families", "reasoning", "match"),
     [
-        (dict(reasoning="grounded", families=wu.GroundedFamilies(cvbench_tasks=("Depht",))), "cvbench_tasks"),
-        (dict(reasoning="grounded", families=wu.GroundedFamilies(question_types=())), "question_types"),
-        (dict(families=wu.GroundedFamilies(("size",))), "reasoning='grounded'"),
+        (dict(cvbench_tasks=("Depht",)), "grounded", "cvbench_tasks"),
+        (dict(question_types=()), "grounded", "question_types"),
+        (dict(question_types=("size",)), "template", "reasoning='grounded'"),
     ],
 )
-def test_bad_grounded_families_are_refused_before_any_work(tmp_path, kwargs, match):
+def test_bad_grounded_families_are_refused_before_any_work(tmp_path, families, reasoning, match):
     with pytest.raises(ValueError, match=match):
-        wu.warmup("no-model", "no-data", str(tmp_path), **kwargs)
+        wu.warmup(
+            "no-model",
+            "no-data",
+            str(tmp_path),
+            reasoning=reasoning,
+            families=wu.GroundedFamilies(**families),
+        )
 
 
 def test_grounded_targets_keep_the_grounding_and_answer_at_random():

@@ -164,11 +164,15 @@ class GroundedFamilies:
     cvbench_tasks: tuple[str, ...] | None = None
     same_shape_sizes: bool = False
 
-    def kinds(self) -> tuple[str, ...]:
-        from visualthinker_ray.data.synthetic import QUESTION_TYPES, SELECTABLE_QUESTION_TYPES, check_subset
+    def __post_init__(self) -> None:  # a bad family name fails where it is given, before any work
+        from visualthinker_ray.data.synthetic import SELECTABLE_QUESTION_TYPES, check_subset
 
         check_subset(self.question_types, SELECTABLE_QUESTION_TYPES, "grounded warm-up question_types")
         check_subset(self.cvbench_tasks, GROUNDED_CVBENCH_TASKS, "grounded warm-up cvbench_tasks")
+
+    def kinds(self) -> tuple[str, ...]:
+        from visualthinker_ray.data.synthetic import QUESTION_TYPES
+
         sat_types = self.question_types or QUESTION_TYPES
         return tuple(sat_types) + tuple(self.cvbench_tasks or GROUNDED_CVBENCH_TASKS)
 
@@ -328,7 +332,6 @@ def warmup(
     if families is not None and reasoning != "grounded":
         raise ValueError("question families narrow the grounded warm-up only: pass reasoning='grounded'")
     families = families or GroundedFamilies()
-    families.kinds()  # a bad family name fails here, before any work
     settings = WarmupSettings(
         str(model_dir), str(data), str(out_dir), steps, lr, batch_size, seed, limit, warmup_steps,
         weight_decay, min_pixels, max_pixels, lettered_fraction, reasoning,
