@@ -67,6 +67,16 @@ def chance_of(data_dir: Path) -> float:
     return statistics.fmean(1.0 / len(r.choices) for r in records)
 
 
+def start_settings(args) -> dict:
+    """How the start model was made: the bench's own options, or a given model's warmup.json."""
+    if not args.warm_model:
+        keys = ("init", "rope_theta", "warmup_steps", "warmup_lr", "warmup_reasoning")
+        return {k: getattr(args, k) for k in keys}
+    record = Path(args.warm_model) / "warmup.json"
+    settings = json.loads(record.read_text()).get("settings") if record.exists() else None
+    return {"warm_model": args.warm_model, "warmup_settings": settings}
+
+
 def run_seed(seed: int, args, data_dir: Path, py: str) -> dict:
     out = Path(args.out) / f"seed_{seed}"
     out.mkdir(parents=True, exist_ok=True)
@@ -203,18 +213,8 @@ def main() -> None:
         "bench": "learning",
         "config": args.config,
         "overrides": args.overrides,
-        "start": {
-            k: getattr(args, k)
-            for k in (
-                "init",
-                "rope_theta",
-                "warmup_steps",
-                "warmup_lr",
-                "warmup_reasoning",
-                "warm_model",
-                "train_rows",
-            )
-        },
+        "start": start_settings(args),
+        "rows": {"train": args.train_rows, "test": args.test_rows},
         "families": {
             "question_types": args.question_types,
             "cvbench_tasks": args.cvbench_tasks,
