@@ -77,6 +77,7 @@ def run_update(tiny_model_dir, batch, world, *overrides):
     after = group.full_state_dict()
     group.shutdown()
     metrics["gradient_checkpointing"] = group.rank_info[0]["gradient_checkpointing"]
+    metrics["torch_threads"] = group.rank_info[0]["torch_threads"]
     return before, after, metrics
 
 
@@ -113,6 +114,14 @@ def test_activation_checkpointing_does_not_change_the_update(tiny_model_dir, ite
     ckpt = run_update(tiny_model_dir, batch, 1, "model.gradient_checkpointing=true")
     assert ckpt[2]["gradient_checkpointing"] and not plain[2]["gradient_checkpointing"]
     assert_same_update(plain, ckpt)
+
+
+def test_cpu_threads_reach_the_rank_and_do_not_change_the_update(tiny_model_dir, items):
+    batch = with_advantages(items, [1.0, -1.0, 0.5, -0.5] * 3)
+    one = run_update(tiny_model_dir, batch, 1, "learner.cpu_threads=1")
+    two = run_update(tiny_model_dir, batch, 1, "learner.cpu_threads=2")
+    assert (one[2]["torch_threads"], two[2]["torch_threads"]) == (1, 2)
+    assert_same_update(one, two)
 
 
 def test_advantage_sign_moves_log_probability(tiny_model_dir, items):

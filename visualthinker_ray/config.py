@@ -125,6 +125,13 @@ class LearnerConfig(_Section):
     micro_batch_tokens: int = Field(8192, gt=0, description="token budget of one forward/backward")
     mini_batches: int = Field(1, ge=1, description="optimizer steps per rollout batch and epoch")
     update_epochs: int = Field(1, ge=1, description="passes over each rollout batch")
+    cpu_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads of each learner rank on the CPU (default: one per Ray CPU it "
+        "holds); generation and update take turns, so a one-machine CPU run can give the update "
+        "every core. Ignored on the GPU",
+    )
 
 
 class AlgorithmConfig(_Section):

@@ -133,10 +133,12 @@ class LearnerGroup:
             "learner set-up (model + FSDP)",
         )
         log.info(
-            "learner group: %d rank(s), %s trainable parameters, reference=%s, ready in %.1f s",
+            "learner group: %d rank(s), %s trainable parameters, reference=%s, %d torch thread(s) "
+            "per rank, ready in %.1f s",
             n,
             f"{infos[0]['trainable_params']:,}",
             infos[0]["reference"],
+            infos[0]["torch_threads"],
             time.time() - t0,
         )
 

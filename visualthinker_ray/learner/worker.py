@@ -83,6 +83,9 @@ class LearnerWorker:
             world_size=self.world_size,
             timeout=timeout,
         )
+        if not self.on_gpu and cfg.learner.cpu_threads:
+            # Ray starts the actor with one thread per CPU it holds; never more than the machine has.
+            torch.set_num_threads(min(cfg.learner.cpu_threads, os.cpu_count() or 1))
         self.processor = load_processor(cfg.model.path, cfg.model.min_pixels, cfg.model.max_pixels)
         self.banned = banned_token_ids(self.processor.tokenizer)
         self.model = self._build_model(trainable=True)
@@ -101,6 +104,7 @@ class LearnerWorker:
             "trainable_params": sum(p.numel() for p in params),
             "reference": self.ref_model is not None,
             "gradient_checkpointing": bool(getattr(self.model, "is_gradient_checkpointing", False)),
+            "torch_threads": torch.get_num_threads(),
         }
 
     def _build_model(self, trainable: bool):
