@@ -118,6 +118,41 @@ def test_option_shuffle_is_seeded_and_keeps_the_gold_text(data, cache):
         assert x.gold_letter == "ABCD"[x.choices.index(x.gold)]
 
 
+def _train_records(data, *overrides):
+    from visualthinker_ray.config import load_config
+    from visualthinker_ray.data.sat import load_train_records
+
+    return load_train_records(load_config(None, [f"data.train={data / 'SAT'}", *overrides])).records
+
+
+def test_lettered_fraction_shows_training_questions_the_cvbench_way(data):
+    plain = _train_records(data)
+    assert not any(r.id.endswith("-lettered") for r in plain)  # the default (paper): SAT layout only
+    every = _train_records(data, "data.lettered_fraction=1")
+    for p, r in zip(plain, every, strict=True):
+        bare = p.meta["raw_question"]
+        options = [f"({'ABCD'[i]}) {c}" for i, c in enumerate(p.choices)]
+        assert r.question.split("\n") == [f"{bare} Select from the following choices.", *options]
+        assert (r.id, r.choices, r.gold, r.images) == (f"{p.id}-lettered", p.choices, p.gold, p.images)
+    half = [r.id.endswith("-lettered") for r in _train_records(data, "data.lettered_fraction=0.5")]
+    assert 0.3 < sum(half) / len(half) < 0.7
+    again = [r.id.endswith("-lettered") for r in _train_records(data, "data.lettered_fraction=0.5")]
+    other = [
+        r.id.endswith("-lettered") for r in _train_records(data, "data.lettered_fraction=0.5", "data.seed=1")
+    ]
+    assert half == again and half != other  # drawn per row from data.seed
+
+
+def test_lettered_fraction_out_of_range_is_refused():
+    from visualthinker_ray.config import ConfigError, load_config
+    from visualthinker_ray.data.sat import with_lettered
+
+    with pytest.raises(ConfigError, match="lettered_fraction"):
+        load_config(None, ["data.lettered_fraction=1.5"])
+    with pytest.raises(ValueError, match="lettered_fraction must be in"):
+        with_lettered([], -0.1, 0)
+
+
 def test_question_template_is_exact(tmp_path, cache):
     png = _png()
     path = _sat_file(

@@ -56,6 +56,13 @@ class DataConfig(_Section):
         True, description="shuffle answer options with data.seed (reference run: yes)"
     )
     skip_multi_image: bool = Field(True, description="skip two-image SAT rows (counted and logged)")
+    lettered_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="show this fraction of training questions the CV-Bench way (bare question, "
+        "lettered options), drawn per row with data.seed; the SAT layout otherwise (paper: 0)",
+    )
     eval: str = Field(
         "artifacts/data/CV-Bench",
         description="CV-Bench hub id (nyu-visionx/CV-Bench), folder or parquet file",

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from visualthinker_ray.data.records import PromptRecord
-from visualthinker_ray.data.sat import join_options
+from visualthinker_ray.data.sat import join_options, lettered_variant
 
 DEFAULT_MIN_PIXELS = 28 * 28 * 4
 DEFAULT_MAX_PIXELS = 28 * 28 * 16
@@ -129,24 +129,6 @@ def target_completion(
     # (" purple", as the question shows them); "<answer>purple" splits into "p|ur|ple", which a tiny
     # model fails to copy. The graders strip the answer, so the space changes no reward.
     return f"{reasoning}</think>\n<answer> {answer}</answer>"
-
-
-def lettered_variant(record: PromptRecord) -> PromptRecord:
-    """The record with its question shown the CV-Bench way: the bare question, then "Select from the
-    following choices." and lettered options, one per line. The same choices and gold.
-
-    A real base model has read text in many layouts; the tiny one only knows what the warm-up shows
-    it. Without this variant it answers CV-Bench-style prompts with words that are none of the
-    options (held-out accuracy far BELOW chance before any RL), which is not the start we want.
-    """
-    from dataclasses import replace
-
-    from visualthinker_ray.data.synthetic import cvbench_prompt
-
-    bare = record.meta.get("raw_question")
-    if not bare:
-        raise ValueError(f"record {record.id}: no raw_question in meta (not a SAT record?)")
-    return replace(record, id=f"{record.id}-lettered", question=cvbench_prompt(bare, record.choices))
 
 
 # The grounded warm-up's question kinds: every one-image SAT type and every CV-Bench task, the latter

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 from visualthinker_ray.data.loading import (
@@ -128,10 +129,38 @@ def load_sat(
     return tally.finish(what, (what,))
 
 
+def lettered_variant(record: PromptRecord) -> PromptRecord:
+    """The record with its question shown the CV-Bench way: the bare question, then "Select from the
+    following choices." and lettered options, one per line. The same choices and gold.
+
+    A real base model has read text in many layouts; the tiny one only knows what the warm-up and
+    RL show it. Without this variant in the warm-up it answers CV-Bench-style prompts with words
+    that are none of the options (held-out accuracy far BELOW chance before any RL); without it in
+    RL (data.lettered_fraction) what it learns on SAT's layout may not carry over to CV-Bench's.
+    """
+    from visualthinker_ray.data.synthetic import cvbench_prompt
+
+    bare = record.meta.get("raw_question")
+    if not bare:
+        raise ValueError(f"record {record.id}: no raw_question in meta (not a SAT record?)")
+    return replace(record, id=f"{record.id}-lettered", question=cvbench_prompt(bare, record.choices))
+
+
+def with_lettered(records: list[PromptRecord], fraction: float, seed: int) -> list[PromptRecord]:
+    """Each record shown the CV-Bench way (lettered_variant) with probability `fraction`, drawn per
+    record from `seed` (the same records for the same seed); 0 leaves the list as it is."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"data.lettered_fraction must be in [0, 1], got {fraction}")
+    if fraction == 0.0:
+        return records
+    rng = random.Random(f"lettered:{seed}")
+    return [lettered_variant(r) if rng.random() < fraction else r for r in records]
+
+
 def load_train_records(cfg) -> LoadResult:
     """The training prompts a Config names (data.train, split, limit, shuffling, seed, two-image rows)."""
     d = cfg.data
-    return load_sat(
+    result = load_sat(
         d.train,
         split=d.train_split,
         limit=d.train_limit,
@@ -139,3 +168,5 @@ def load_train_records(cfg) -> LoadResult:
         seed=d.seed,
         skip_multi_image=d.skip_multi_image,
     )
+    result.records = with_lettered(result.records, d.lettered_fraction, d.seed)
+    return result
