@@ -4,8 +4,9 @@ import os
 
 import pytest
 
-# vLLM on the CPU runs in-process with a small KV cache; keep its logs quiet in test output.
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+# vLLM runs as on GPUs: engine core and workers in their own processes (the engine sets
+# VLLM_ENABLE_V1_MULTIPROCESSING itself, from rollout.vllm_in_process); a small KV cache on the CPU,
+# and quiet logs in test output.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -10,3 +10,9 @@ def always_raises(completion, gold, choices):
 def always_hangs(completion, gold, choices):
     time.sleep(3600)
     return 1.0
+
+
+def length_parity(completion, gold, choices):
+    """A reward with variance for the random tiny model (whose format and accuracy rewards are all 0):
+    completions of odd length earn 1, so every group has advantages and the update moves weights."""
+    return float(len(completion) % 2)

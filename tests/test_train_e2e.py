@@ -4,6 +4,7 @@ import json
 
 import pytest
 import ray
+from safetensors.torch import save_file
 
 from visualthinker_ray import checkpoint
 from visualthinker_ray.config import load_config
@@ -28,6 +29,8 @@ REQUIRED_TAGS = [
     "learner/adv_mean",
     "learner/adv_std",
     "learner/logprob_mismatch",
+    "learner/logprob_mismatch_max",
+    "learner/logprob_mismatch_p99",
     "advantage/zero_std_group_frac",
     "time/generate_s",
     "time/grade_s",
@@ -148,3 +151,56 @@ def test_resume_continues_at_the_next_step_with_the_same_data_order(tiny_model_d
     assert [s["prompt_ids"] for s in b] == [s["prompt_ids"] for s in a]
     # TensorBoard holds each step once across the two processes
     assert [step for step, _ in read_scalars(interrupted)["reward/total"]] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_every_sync_puts_the_learners_weights_into_every_vllm_worker(
+    tiny_model_dir, synthetic_dir, tmp_path, tp
+):
+    """vLLM in multiprocess mode (tp=2: two worker processes), a large learning rate and a reward
+    with variance: every step really changes the weights, and after every sync the weights served
+    inside every vLLM worker are exactly those vLLM's own loader makes of the learner's full state
+    dict, and the engine's log-probs equal the learner's."""
+    from visualthinker_ray.rollout.vllm_engine import hf_parameter_shapes
+
+    cfg = config(
+        tiny_model_dir,
+        synthetic_dir,
+        tmp_path,
+        "rollout.num_workers=1",
+        f"rollout.tensor_parallel_size={tp}",
+        "learner.num_workers=1",
+        "learner.lr=1e-2",
+        "learner.lr_schedule=constant",
+        "reward.num_workers=1",
+        "reward.plugins=[{name: parity, function: 'tests.e2e_plugins:length_parity'}]",
+        "algorithm.max_steps=3",
+        "eval.at_start=false",
+    )
+    _, tied = hf_parameter_shapes(tiny_model_dir)
+    trainer = Trainer(cfg)
+    try:
+        previous = trainer.learner.full_state_dict()
+        for step in range(1, 4):
+            metrics = trainer.train_step()  # generate, grade, update, sync
+            trainer.step += 1
+            assert metrics["reward/total"] > 0 and metrics["advantage/zero_std_group_frac"] < 1
+            assert metrics["learner/grad_norm"] > 0, f"step {step}: no gradient"
+            weights = trainer.learner.full_state_dict()
+            moved = max((weights[n] - previous[n]).abs().max().item() for n in weights)
+            assert moved > 1e-4, f"step {step}: the update left the weights where they were"
+            previous = weights
+            path = tmp_path / f"learner_{step}.safetensors"
+            save_file({**weights, **{a: weights[src].clone() for a, src in tied.items()}}, str(path))
+            per_rank = ray.get(trainer.rollout.workers[0].compare_weights.remote(str(path)), timeout=120)
+            assert sorted(r["rank"] for r in per_rank) == list(range(tp))
+            for r in per_rank:
+                assert r["tensors"] > 20 and not r["unequal"], (
+                    f"step {step}, TP rank {r['rank']}: {r['unequal']}"
+                )
+            if step >= 2:  # generated with the weights of the previous sync
+                assert metrics["learner/logprob_mismatch"] < 1e-3, metrics["learner/logprob_mismatch"]
+                assert metrics["learner/logprob_mismatch_max"] < 1e-2, metrics["learner/logprob_mismatch_max"]
+        assert trainer.rollout.policy_versions() == [3]
+    finally:
+        trainer.shutdown()

@@ -1,5 +1,6 @@
-"""The weight-sync transport: bucket planning (pure), update checks (pure), and real gloo groups
-between the test process (rank 0) and Ray actors on loopback: exact bytes, bounded failures, rebuilds."""
+"""The weight-sync transport: bucket planning, update checks and the handshake (pure), and real gloo
+groups between the test process (rank 0) and Ray actors on loopback: exact bytes, the wire dtype,
+bounded failures, rebuilds."""
 
 import random
 import time
@@ -8,16 +9,20 @@ import pytest
 import ray
 import torch
 
-from visualthinker_ray.rollout.pool import free_port
+from visualthinker_ray.ray_calls import free_port
+from visualthinker_ray.rollout.engine import prompt_seed
 from visualthinker_ray.weight_sync import (
+    Handshake,
     TensorMeta,
-    WeightReceiver,
-    WeightSender,
     WeightSyncError,
     check_update,
+    params_digest,
     plan_buckets,
     tensor_metas,
 )
+from visualthinker_ray.weight_sync.coordinator import rank_offsets
+from visualthinker_ray.weight_sync.plan import handshake_mismatch, wire_dtype
+from visualthinker_ray.weight_sync.transport import SyncGroup, WeightSender, receive_buckets
 
 TIMEOUT_S = 4.0
 
@@ -77,6 +82,44 @@ def test_check_update_is_strict():
         check_update([("a.weight", (2, 3)), ("b.bias", (1,))], expected)
     with pytest.raises(WeightSyncError, match="sent twice"):
         check_update([("a.weight", (2, 3)), ("a.weight", (2, 3)), ("b.bias", (3,))], expected)
+    # frozen parameters may be left out once, by name; any other omission still fails
+    check_update([("a.weight", (2, 3))], expected, may_skip=["b.bias"])
+    with pytest.raises(WeightSyncError, match=r"missing 1 of 2 weights.*a.weight"):
+        check_update([("b.bias", (3,))], expected, may_skip=["x"])
+
+
+def test_wire_dtype_casts_floating_weights_only():
+    named = [("w", torch.zeros(2, 3)), ("i", torch.zeros(4, dtype=torch.int64)), ("h", torch.zeros(1).half())]
+    assert [m.dtype for m in tensor_metas(named)] == ["float32", "int64", "float16"]
+    assert [m.dtype for m in tensor_metas(named, "bfloat16")] == ["bfloat16", "int64", "bfloat16"]
+    assert wire_dtype("int64", "bfloat16") == "int64" and wire_dtype("float32", None) == "float32"
+    # half the bytes of an fp32 model on the wire
+    assert sum(m.nbytes for m in tensor_metas(named[:1], "bfloat16")) * 2 == sum(
+        m.nbytes for m in tensor_metas(named[:1])
+    )
+
+
+def test_handshake_names_every_differing_field():
+    a = Handshake("gloo", 3, "float32", params_digest({"w": (2, 3)}), 5)
+    assert handshake_mismatch(a, Handshake.from_json(a.to_json())) == []
+    b = Handshake("gloo", 4, "bfloat16", params_digest({"w": (3, 2)}), 5)
+    diff = handshake_mismatch(a, b)
+    assert [d.split(":")[0] for d in diff] == ["world_size", "wire_dtype", "params"]
+    assert "3 != 4" in diff[0] and "'float32' != 'bfloat16'" in diff[1]
+    # the digest depends on names and shapes, not on the order they are listed in
+    assert params_digest({"a": (1,), "b": (2,)}) == params_digest({"b": (2,), "a": (1,)})
+
+
+def test_rank_offsets_give_every_engine_worker_its_own_rank():
+    # two rollout engines with tensor parallel 2 and 1: ranks 1-2 and 3, world 4 with the sender
+    assert rank_offsets([2, 1]) == ([1, 3], 4)
+    assert rank_offsets([1, 1, 1]) == ([1, 2, 3], 4)
+
+
+def test_prompt_seeds_differ_per_prompt_and_repeat_per_step():
+    seeds = [prompt_seed(7, f"p{i}") for i in range(100)]
+    assert len(set(seeds)) == 100 and all(0 <= s < 2**31 for s in seeds)
+    assert prompt_seed(7, "p0") == prompt_seed(7, "p0") != prompt_seed(8, "p0")
 
 
 @ray.remote(num_cpus=1)
@@ -86,15 +129,17 @@ class Peer:
     def __init__(self):
         self.rx = None
 
-    def join(self, port, world, rank, timeout_s):
+    def join(self, port, world, rank, timeout_s, handshake=None):
         if self.rx is not None:
             self.rx.close()
         self.rx = None
-        self.rx = WeightReceiver("127.0.0.1", port, world, rank, timeout_s, device="cpu")
+        hs = Handshake.from_json(handshake) if handshake else _handshake(world)
+        self.rx = SyncGroup("127.0.0.1", port, hs, rank, timeout_s, "cpu")
         return True
 
     def receive(self, metas, plan):
-        return {n: t.clone() for n, t in self.rx.receive(metas, plan)}
+        got = {n: t.clone() for bucket in receive_buckets(self.rx, metas, plan) for n, t in bucket}
+        return {m.name: got[m.name] for m in metas}
 
     def sleep(self, s):
         time.sleep(s)
@@ -110,12 +155,16 @@ def peers():
     ray.shutdown()
 
 
+def _handshake(world: int, wire: str = "float32") -> Handshake:
+    return Handshake("gloo", world, wire, "digest", 0)
+
+
 def _group(peers, timeout_s=TIMEOUT_S, joiners=None):
     port = free_port()
     world = len(peers) + 1
     joiners = peers if joiners is None else joiners
     refs = [p.join.remote(port, world, peers.index(p) + 1, timeout_s) for p in joiners]
-    return WeightSender("127.0.0.1", port, world, timeout_s, bucket_bytes=4096, device="cpu"), refs
+    return WeightSender("127.0.0.1", port, _handshake(world), timeout_s, "cpu", bucket_bytes=4096), refs
 
 
 def _tensors():
@@ -154,7 +203,7 @@ def test_a_rank_that_never_joins_is_named_within_the_deadline(peers):
     with pytest.raises(
         WeightSyncError, match=r"rank\(s\) \[2\] of 3 did not join within 2s \(seen from rank 0\)"
     ):
-        WeightSender("127.0.0.1", port, 3, 2.0, device="cpu")
+        WeightSender("127.0.0.1", port, _handshake(3), 2.0, "cpu")
     assert time.monotonic() - t0 < 2.0 + 3.0
     # the peer that did join fails too, in bounded time, instead of waiting for a group that never forms
     with pytest.raises(ray.exceptions.RayTaskError, match="WeightSyncError"):
@@ -190,3 +239,36 @@ def test_sender_refuses_a_stream_that_differs_from_its_metadata(peers):
     with pytest.raises(WeightSyncError, match=r"tensor #0 is w.bf16 .* metadata .* says w.fp32"):
         sender.send(iter(named[1:]), metas)
     sender.close()
+
+
+def test_floating_weights_travel_in_the_wire_dtype_and_arrive_cast_exactly(peers):
+    sender, joined = _group(peers)
+    ray.get(joined, timeout=30)
+    named = _tensors()
+    metas = tensor_metas(named, "bfloat16")  # fp32 master weights, a bf16 engine
+    plan = plan_buckets(metas, 4096)
+    got = [p.receive.remote(metas, plan) for p in peers]
+    stats = sender.send(iter(named), metas, plan)
+    assert (
+        stats["bytes"] == sum(m.nbytes for m in metas) < sum(t.numel() * t.element_size() for _, t in named)
+    )
+    for out in ray.get(got, timeout=30):
+        for n, t in named:
+            want = t.to(torch.bfloat16) if t.is_floating_point() else t
+            assert out[n].dtype == want.dtype and torch.equal(out[n], want), n
+    sender.close()
+
+
+def test_a_rank_with_another_handshake_fails_group_creation_naming_the_field(peers):
+    port = free_port()
+    other = Handshake("gloo", 3, "bfloat16", "digest", 0)  # the peers think the wire is bf16
+    joined = [p.join.remote(port, 3, i + 1, 5.0, other.to_json()) for i, p in enumerate(peers)]
+    t0 = time.monotonic()
+    with pytest.raises(
+        WeightSyncError, match=r"rank 0 and rank 1 disagree on the sync \(wire_dtype: 'float32' != 'bfloat16'"
+    ):
+        WeightSender("127.0.0.1", port, _handshake(3), 5.0, "cpu")
+    for ref in joined:  # the peers fail too, in bounded time (seeing the mismatch, or rank 0 gone)
+        with pytest.raises(ray.exceptions.RayTaskError, match="disagree on the sync|lost the group's store"):
+            ray.get(ref, timeout=30)
+    assert time.monotonic() - t0 < 5.0 + 5.0

@@ -85,6 +85,16 @@ class RolloutConfig(_Section):
     max_new_tokens: int = Field(64, gt=0, description="paper: 700")
     eval_max_new_tokens: int = Field(64, gt=0, description="paper: 1024 (greedy)")
     stop: list[str] = Field(default_factory=list, description="stop strings, kept in the completion")
+    vllm_in_process: bool = Field(
+        False,
+        description="run vLLM's engine core in the rollout actor's process (debugging only: GPU runs and "
+        "the tests use vLLM's default multiprocess mode; tensor_parallel_size must be 1)",
+    )
+    sync_skip_frozen: bool = Field(
+        True,
+        description="after the first full sync over a group, leave out parameters that cannot change "
+        "(model.freeze_vision)",
+    )
     sync_bucket_mb: float = Field(
         256,
         gt=0,
@@ -169,6 +179,12 @@ class ResourcesConfig(_Section):
 class LoggingConfig(_Section):
     dir: str = Field("runs/tiny", description="TensorBoard logs, steps.jsonl, config, final HF export")
     sample_every: int = Field(10, ge=1, description="log sample completions every K steps")
+    logprob_mismatch_warn: float = Field(
+        0.1,
+        gt=0,
+        description="warn when the p99 of |engine - learner| token log-probs passes this (nats): on bf16 "
+        "GPUs a weight-sync bug shows up only as this drift",
+    )
 
 
 class CheckpointConfig(_Section):

@@ -428,3 +428,17 @@ def balance_by_tokens(lengths: list[int], num_ranks: int) -> list[list[int]]:
         ranks[r].append(i)
         heapq.heappush(heap, (tokens + lengths[i], count + 1, r))
     return [sorted(idx) for idx in ranks]
+
+
+def mismatch_stats(diffs: torch.Tensor) -> dict[str, float]:
+    """Mean, max and 99th percentile of per-token |engine - learner| log-prob differences.
+
+    The mean hides what matters on bf16 GPUs: a stale-weights bug or a bad kernel shows up first
+    as a heavy tail (a few tokens far off) while the mean stays small. Keys are suffixes of
+    `logprob_mismatch`: "" (mean), "_max", "_p99". p99 is the nearest-rank percentile.
+    """
+    if diffs.numel() == 0:
+        return {"": 0.0, "_max": 0.0, "_p99": 0.0}
+    d = diffs.float().flatten().sort().values
+    rank = max(0, math.ceil(0.99 * d.numel()) - 1)
+    return {"": d.mean().item(), "_max": d[-1].item(), "_p99": d[rank].item()}

@@ -21,7 +21,7 @@ def wait_all(refs: dict, timeout_s: float, what: str, error: type[Exception] = R
             results[labels[ref]] = ray.get(ref)
         except ray.exceptions.ActorDiedError as e:
             dead = True
-            failures.append(f"{labels[ref]}: actor died ({str(e).splitlines()[0]})")
+            failures.append(f"{labels[ref]}: actor died ({str(e).splitlines()[0]}){_creation_error(e)}")
         except ray.exceptions.RayError as e:
             cause = getattr(e, "cause", None) or e
             failures.append(f"{labels[ref]}: {type(cause).__name__}: {str(cause).strip()[:500]}")
@@ -31,6 +31,13 @@ def wait_all(refs: dict, timeout_s: float, what: str, error: type[Exception] = R
         err.dead = dead
         raise err
     return {label: results[label] for label in refs}
+
+
+def _creation_error(e: Exception) -> str:
+    """The exception an actor's constructor raised, when that is why it died ('' otherwise)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    raised = [ln for ln in lines if ln.split(":")[0].endswith(("Error", "Exception"))]
+    return f"; it raised {raised[-1][:500]}" if "creation task" in str(e) and raised else ""
 
 
 def free_port(addr: str = "127.0.0.1") -> int:

@@ -136,7 +136,8 @@ class Trainer:
                 top_p=cfg.rollout.top_p,
                 max_new_tokens=cfg.rollout.max_new_tokens,
                 stop=tuple(cfg.rollout.stop),
-                seed=cfg.data.seed * 1_000_003 + self.step,  # a fresh, reproducible stream per step
+                # the step's base seed; each prompt draws from its own stream (engine.prompt_seed)
+                seed=cfg.data.seed * 1_000_003 + self.step,
             )
             completions, gen_stats = self.rollout.generate(records, sampling)
             check_groups(completions, records, alg.group_size)
@@ -170,6 +171,14 @@ class Trainer:
                 for c, a in zip(completions, adv.advantages.tolist(), strict=True)
             ]
             learner = self.learner.train_step(items)
+            tail = learner.get("logprob_mismatch_p99", 0.0)
+            if tail > cfg.logging.logprob_mismatch_warn:
+                log.warning(
+                    "step %d: engine and learner log-probs differ by %.3g at the 99th percentile (max %.3g, "
+                    "threshold logging.logprob_mismatch_warn=%.3g): stale or wrongly loaded weights in the "
+                    "rollout engine, or a dtype/kernel mismatch; the update is off-policy by that much",
+                    self.step + 1, tail, learner.get("logprob_mismatch_max", 0.0), cfg.logging.logprob_mismatch_warn,
+                )  # fmt: skip
 
         with timer("sync"):
             self.rollout.sync(self.learner, version=self.step + 1)

@@ -85,8 +85,16 @@ def reduce_metrics(per_rank: list[dict]) -> dict:
         values = [m[key] for m in per_rank if key in m]
         if key in ("sequences", "tokens"):
             out[key] = sum(values)
-        elif key in ("step_s", "peak_mem_gb", "grad_norm", "lr"):
-            out[key] = max(values)  # grad norm and lr are the same on every rank
+        elif key in (
+            "step_s",
+            "peak_mem_gb",
+            "grad_norm",
+            "lr",
+            "logprob_mismatch_max",
+            "logprob_mismatch_p99",
+        ):
+            # grad norm and lr are the same on every rank; the mismatch tail is the worst rank's
+            out[key] = max(values)
         elif weight:
             out[key] = sum(m[key] * m.get("sequences", 0.0) for m in per_rank if key in m) / weight
     return out
@@ -180,22 +188,26 @@ class LearnerGroup:
         )
         return results[0]
 
-    # -- the weight-sync sender (rollout/pool.py's Sender protocol) ------------------------------------
+    # -- the weight-sync sender (weight_sync/coordinator.py's Sender protocol) ------------------------------------
     def node_ip(self) -> str:
         return _wait(self.workers[0].node_ip.remote(), self.timeout_s, "learner rank 0 address")
 
-    def weight_metas(self) -> list:
-        return _wait(self.workers[0].weight_metas.remote(), self.timeout_s, "learner weight metadata")
+    def weight_metas(self, served_dtype: str | None = None, trainable_only: bool = False) -> list:
+        return _wait(
+            self.workers[0].weight_metas.remote(served_dtype, trainable_only),
+            self.timeout_s,
+            "learner weight metadata",
+        )
 
-    def init_sync_group(self, addr: str, port: int, world_size: int, timeout_s: float) -> dict:
+    def init_sync_group(self, addr: str, port: int, handshake: str, timeout_s: float) -> dict:
         return {
             "learner rank 0 (sender)": self.workers[0].init_sync_group.remote(
-                addr, port, world_size, timeout_s
+                addr, port, handshake, timeout_s
             )
         }
 
-    def send_weights(self, plan) -> dict:
-        return {f"learner rank {i}": w.send_weights.remote(plan) for i, w in enumerate(self.workers)}
+    def send_weights(self, metas, plan) -> dict:
+        return {f"learner rank {i}": w.send_weights.remote(metas, plan) for i, w in enumerate(self.workers)}
 
     def save_checkpoint(self, path: str) -> None:
         _wait_all(

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from visualthinker_ray.config import Config
 from visualthinker_ray.data.records import PromptRecord
-from visualthinker_ray.grpo import masked_mean, policy_loss
+from visualthinker_ray.grpo import masked_mean, mismatch_stats, policy_loss
 from visualthinker_ray.learner.schedule import lr_factor
 from visualthinker_ray.models import banned_token_ids, load_model, load_processor, resolve_dtype
 from visualthinker_ray.sequences import build_batch, completion_logprobs, encode_prompt
@@ -46,6 +46,12 @@ class LearnerWorker:
         self.cfg = Config.model_validate(cfg)
         self.rank, self.world_size = rank, world_size
         self.total_optimizer_steps = max(1, total_optimizer_steps)
+        if self.cfg.resources.device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(
+                f"learner rank {rank}: resources.device=cuda but this process sees no GPU "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); give the learner "
+                "GPUs (learner.gpus_per_worker: 1) or set resources.device=cpu"
+            )
         self.on_gpu = torch.cuda.is_available() and self.cfg.resources.device != "cpu"
         self.device = torch.device("cuda", 0) if self.on_gpu else torch.device("cpu")
         self.optimizer_steps = 0
@@ -202,6 +208,7 @@ class LearnerWorker:
         sums: dict[str, float] = {}
         weight_total = 0.0
         grad_norms, n_tokens = [], 0
+        mismatch: list[torch.Tensor] = []  # |engine - learner| log-prob per completion token
         for _epoch in range(cfg.learner.update_epochs):
             for mini, denom in zip(mini_batches, denominators, strict=True):
                 self.optimizer.zero_grad(set_to_none=True)
@@ -232,13 +239,11 @@ class LearnerWorker:
                     if real:
                         w = float(len(real))
                         metrics["entropy"] = masked_mean(entropy, mask.bool()).item()
-                        if on_policy and "logprobs" in items[real[0]]:
+                        if on_policy and _epoch == 0 and "logprobs" in items[real[0]]:
                             engine = self._aligned(
                                 [items[i]["logprobs"] for i in real], range(len(real)), mask, logp
                             )
-                            metrics["logprob_mismatch"] = masked_mean(
-                                (logp.detach() - engine).abs(), mask.bool()
-                            ).item()
+                            mismatch.append((logp.detach() - engine).abs()[mask.bool()].float().cpu())
                         for k, v in metrics.items():
                             sums[k] = sums.get(k, 0.0) + w * v
                         weight_total += w
@@ -253,12 +258,12 @@ class LearnerWorker:
         out = {k: v / weight_total for k, v in sums.items()} if weight_total else {}
         if old is not None and "logprobs" in items[0]:
             # Engine vs learner on the same weights (before the first update): the sampling mismatch.
-            diffs = [
-                abs(a - b)
+            mismatch = [
+                (torch.tensor(it["logprobs"]) - torch.tensor(lp)).abs()
                 for it, lp in zip(items, old, strict=True)
-                for a, b in zip(it["logprobs"], lp, strict=True)
             ]
-            out["logprob_mismatch"] = sum(diffs) / max(1, len(diffs))
+        if mismatch:
+            out.update({f"logprob_mismatch{k}": v for k, v in mismatch_stats(torch.cat(mismatch)).items()})
         out.update(
             grad_norm=sum(grad_norms) / len(grad_norms),
             lr=self.scheduler.get_last_lr()[0],
@@ -286,31 +291,45 @@ class LearnerWorker:
         for name, p in model.named_parameters():
             yield name, full_tensor(p.detach())
 
-    def weight_metas(self) -> list:
-        """Names, full shapes and dtypes of the parameters, without gathering anything."""
+    def weight_metas(self, served_dtype: str | None = None, trainable_only: bool = False) -> list:
+        """Names, full shapes and wire dtypes of the parameters to send, without gathering anything:
+        all of them, or only those the optimizer can change."""
         from visualthinker_ray.weight_sync import tensor_metas
 
-        return tensor_metas(self.model.named_parameters())
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad or not trainable_only]
+        return tensor_metas(named, served_dtype)
 
-    def init_sync_group(self, addr: str, port: int, world_size: int, timeout_s: float) -> None:
-        """Rank 0 joins the weight-sync group as its sender (rank 0 of that group)."""
-        from visualthinker_ray.weight_sync import WeightSender
+    def init_sync_group(self, addr: str, port: int, handshake: str, timeout_s: float) -> None:
+        """Rank 0 joins the weight-sync group as its sender (rank 0 of that group). A failure here
+        (a peer that never joins, a handshake that differs) raises and leaves this rank usable."""
+        from visualthinker_ray.weight_sync import Handshake
+        from visualthinker_ray.weight_sync.transport import WeightSender
 
         if self.rank != 0:
             return
         if getattr(self, "sync_sender", None) is not None:
             self.sync_sender.close()
         self.sync_sender = None
-        self.sync_sender = WeightSender(addr, port, world_size, timeout_s, device=str(self.device))
+        bucket_bytes = int(self.cfg.rollout.sync_bucket_mb * 1024 * 1024)
+        mine = Handshake.from_json(handshake).mine(
+            {n: tuple(p.shape) for n, p in self.model.named_parameters()}
+        )
+        self.sync_sender = WeightSender(addr, port, mine, timeout_s, self.device, bucket_bytes)
 
-    def send_weights(self, plan) -> dict:
-        """Every rank gathers parameter by parameter; rank 0 streams them into the sync buckets."""
-        named = self.iter_full_params()
+    def send_weights(self, metas: list, plan) -> dict:
+        """Every rank gathers the described parameters one by one; rank 0 casts each to its wire
+        dtype into the sync buckets and broadcasts them as they fill."""
+        wanted = {m.name for m in metas}
+        named = ((n, full_tensor(p.detach())) for n, p in self.model.named_parameters() if n in wanted)
         if self.rank != 0:
             for _ in named:
                 pass
             return {}
-        return self.sync_sender.send(named, self.weight_metas(), plan)
+        if getattr(self, "sync_sender", None) is None:
+            raise RuntimeError(
+                "learner rank 0 has no weight-sync group; the rollout pool must build it first"
+            )
+        return self.sync_sender.send(named, metas, plan)
 
     def full_state_dict(self, reference: bool = False) -> dict[str, torch.Tensor] | None:
         """The full parameters on CPU on rank 0 (None elsewhere): for tests and HF export."""

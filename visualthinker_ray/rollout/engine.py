@@ -7,6 +7,7 @@ not reflected). The learner computes the same quantity, so the two can be compar
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
@@ -43,6 +44,13 @@ class Completion:
         return asdict(self)
 
 
+def prompt_seed(base: int, prompt_id: str) -> int:
+    """The sampling seed of one prompt: its own random stream, derived from the step's base seed
+    (itself from data.seed and the step) and the prompt id, the same in every process."""
+    digest = hashlib.sha256(f"{base}/{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
 class Engine(Protocol):
     policy_version: int
 
@@ -64,6 +72,7 @@ def engine_kwargs(cfg) -> dict:
         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
         seed=cfg.data.seed,
         device=None if cfg.resources.device == "auto" else cfg.resources.device,
+        in_process=cfg.rollout.vllm_in_process,
     )
 
 

@@ -7,8 +7,8 @@ import torch
 from visualthinker_ray.data.prompts import build_prompt, load_images
 from visualthinker_ray.data.records import PromptRecord
 from visualthinker_ray.models import banned_token_ids, load_model, load_processor, resolve_dtype
-from visualthinker_ray.rollout.engine import Completion, SamplingSpec
-from visualthinker_ray.weight_sync import check_update
+from visualthinker_ray.rollout.engine import Completion, SamplingSpec, prompt_seed
+from visualthinker_ray.weight_sync import check_update, params_digest
 
 
 class HFEngine:
@@ -31,9 +31,19 @@ class HFEngine:
         self.eos_ids = set(_as_list(self.model.generation_config.eos_token_id))
         self.policy_version = 0
 
+    def sync_info(self) -> dict:
+        """One sync rank (this actor's process), floating-point weights received in the model's dtype."""
+        return {
+            "ranks": 1,
+            "wire_dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+            "params": params_digest({n: tuple(p.shape) for n, p in self.model.named_parameters()}),
+            "backend": "nccl" if str(self.device).startswith("cuda") else "gloo",
+        }
+
     @torch.no_grad()
-    def update_weights(self, named_tensors, version: int) -> None:
-        """Copy a full set of weights (in-memory transformers names) into the model; strict on names and shapes."""
+    def update_weights(self, named_tensors, version: int, skipped=()) -> None:
+        """Copy a set of weights (in-memory transformers names) into the model; strict on names and
+        shapes: every parameter, bar the frozen ones a later sync may leave out (`skipped`)."""
         items = list(named_tensors)
         params = dict(self.model.named_parameters())
         # Tied aliases (lm_head.weight -> the embeddings) are state_dict-only names; accept them too.
@@ -43,6 +53,7 @@ class HFEngine:
             {n: tuple(p.shape) for n, p in params.items()},
             optional={n: tuple(t.shape) for n, t in state.items() if n not in params},
             who="HF engine",
+            may_skip=skipped,
         )
         for name, t in items:
             (params[name] if name in params else state[name]).copy_(t)
@@ -50,6 +61,14 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, records: list[PromptRecord], sampling: SamplingSpec) -> list[Completion]:
+        if sampling.seed is None or sampling.greedy:
+            return self._generate(records, sampling, None)
+        # Its own random stream per prompt (prompt_seed): one prompt per generate call.
+        return [c for r in records for c in self._generate([r], sampling, prompt_seed(sampling.seed, r.id))]
+
+    def _generate(
+        self, records: list[PromptRecord], sampling: SamplingSpec, seed: int | None
+    ) -> list[Completion]:
         prompts = [build_prompt(r, self.prompt_style, self.processor) for r in records]
         images = [img for r in records for img in load_images(r, self.min_pixels, self.max_pixels)]
         inputs = self.processor(text=prompts, images=images or None, padding=True, return_tensors="pt")
@@ -69,8 +88,8 @@ class HFEngine:
         if sampling.stop:
             kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
         with torch.random.fork_rng(devices=[]):
-            if sampling.seed is not None:
-                torch.manual_seed(sampling.seed)
+            if seed is not None:
+                torch.manual_seed(seed)
             out = self.model.generate(**inputs, **kwargs)
 
         prompt_len = inputs["input_ids"].shape[1]

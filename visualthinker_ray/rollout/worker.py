@@ -1,7 +1,9 @@
-"""The rollout worker: a thin Ray actor that holds one generation engine and one weight-sync membership.
+"""The rollout worker: a thin Ray actor that holds one generation engine and its place in the sync group.
 
 Everything that crosses its boundary is plain data: records and completions as dicts, sampling as a
-dict, tensor metadata and bucket plans (the weight bytes travel through the sync group instead).
+dict, tensor metadata and bucket plans. The weight bytes never pass through it: with vLLM every
+engine worker process joins the sync group and receives them itself (weight_sync/vllm_receiver.py);
+the HF engine lives in this process, so here this actor is the receiver.
 """
 
 from __future__ import annotations
@@ -12,14 +14,16 @@ import time
 
 from visualthinker_ray.data.records import PromptRecord
 from visualthinker_ray.rollout.engine import SamplingSpec, make_engine
-from visualthinker_ray.weight_sync import Bucket, TensorMeta, WeightReceiver
+from visualthinker_ray.weight_sync import Bucket, Handshake, TensorMeta
+from visualthinker_ray.weight_sync.transport import SyncGroup, receive_buckets, receive_flat
 
 
 class RolloutWorker:
     def __init__(self, engine: str, model_path: str, engine_kwargs: dict | None = None):
         self.kind = engine
         self.engine = make_engine(engine, model_path, **(engine_kwargs or {}))
-        self.receiver: WeightReceiver | None = None
+        self.group: SyncGroup | None = None  # the HF engine's membership (vLLM's workers hold their own)
+        self.full_sync_received = False
 
     def ready(self) -> dict:
         import ray
@@ -42,29 +46,53 @@ class RolloutWorker:
             "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
         }
 
-    def init_sync_group(self, addr: str, port: int, world_size: int, rank: int, timeout_s: float) -> None:
-        """Join a (new) weight-sync group as `rank`; any previous membership is dropped first."""
+    # -- weight sync (weight_sync/coordinator.py drives these) ----------------------------------------
+    def sync_info(self) -> dict:
+        return self.engine.sync_info()
+
+    def init_sync_group(
+        self, addr: str, port: int, rank_offset: int, timeout_s: float, handshake: str
+    ) -> None:
+        """Join a (new) sync group at `rank_offset` (vLLM: each worker at rank_offset + its TP rank)."""
         self.close_sync_group()
-        self.receiver = WeightReceiver(addr, port, world_size, rank, timeout_s)
+        if self.kind == "vllm":
+            self.engine.init_weight_sync(addr, port, rank_offset, timeout_s, handshake)
+        else:
+            device = getattr(self.engine, "device", "cpu")
+            shapes = {n: tuple(p.shape) for n, p in self.engine.model.named_parameters()}
+            mine = Handshake.from_json(handshake).mine(shapes)
+            self.group = SyncGroup(addr, port, mine, rank_offset, timeout_s, device)
+            self.full_sync_received = False
 
     def close_sync_group(self) -> None:
-        if self.receiver is not None:
-            self.receiver.close()
-            self.receiver = None
+        if self.group is not None:
+            self.group.close()
+            self.group = None
 
-    def receive_weights(self, metas: list[TensorMeta], plan: list[Bucket], version: int) -> dict:
-        """One sync: receive every bucket through the group, then load them into the engine."""
-        if self.receiver is None:
-            raise RuntimeError("this rollout worker has no weight-sync group; the pool must build it first")
+    def receive_weights(self, metas: list[TensorMeta], plan: list[Bucket], version: int, skipped=()) -> dict:
+        """One sync: receive every bucket through the group and load it into the engine."""
         t0 = time.monotonic()
-        named = self.receiver.receive(metas, plan)
-        t1 = time.monotonic()
-        self.engine.update_weights(named, version)
-        return {"receive_s": t1 - t0, "load_s": time.monotonic() - t1, "version": version}
+        if self.kind == "vllm":
+            self.engine.receive_weights(metas, plan, version, skipped)
+        else:
+            if self.group is None:
+                raise RuntimeError(
+                    "this rollout worker has no weight-sync group; the pool must build it first"
+                )
+            if skipped and not self.full_sync_received:
+                raise RuntimeError(
+                    "a sync without the frozen parameters came before a full one over this group"
+                )
+            named = [pair for bucket in receive_buckets(self.group, metas, plan) for pair in bucket]
+            self.engine.update_weights(named, version, skipped)
+            self.full_sync_received = True
+        return {"seconds": time.monotonic() - t0, "version": version}
 
     def receive_flat(self, numel: int, dtype: str = "float32") -> float:
-        """One raw broadcast into a scratch buffer (the benchmark's baseline for a sync's bytes)."""
-        return self.receiver.receive_flat(numel, dtype)
+        """One raw broadcast into scratch buffers (the benchmark's baseline for a sync's bytes)."""
+        if self.kind == "vllm":
+            return self.engine.receive_flat(numel, dtype)
+        return receive_flat(self.group, numel, dtype)
 
     def policy_version(self) -> int:
         return self.engine.policy_version
@@ -75,6 +103,11 @@ class RolloutWorker:
         if hasattr(self.engine, "read_weights"):
             return self.engine.read_weights()
         return {n: t.detach().cpu().clone() for n, t in self.engine.model.state_dict().items()}
+
+    def compare_weights(self, safetensors_path: str) -> list[dict]:
+        """vLLM only: per worker (TP rank), the served tensors that differ from the file's weights
+        as vLLM's own loader places them (tests; works for any tensor parallel size)."""
+        return self.engine.compare_weights(safetensors_path)
 
 
 def sampling_to_dict(spec: SamplingSpec) -> dict:

@@ -1,0 +1,284 @@
+"""The one transport of weight sync: a broadcast group, gloo on the CPU and NCCL on the GPU.
+
+Rank 0 is the sender (learner rank 0); ranks 1..N are receivers: every vLLM worker process of
+every rollout engine (each tensor-parallel rank), or the HF engine's actor. The group is built
+from a `TCPStore` (the sender is its master) and is never the default process group, so it lives
+beside vLLM's and FSDP's own groups in the same process; a fresh group on a new port replaces it
+when workers are replaced or added.
+
+Every phase is bounded: the rendezvous, the handshake, NCCL's lazy connection (made inside the
+first collective, which `work.wait(timeout)` does not cover) and each broadcast. On a timeout the
+group is aborted and `WeightSyncError` names the group, the rank and what it was doing; the
+process (a learner rank above all) stays alive and can build a new group on a new port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from datetime import timedelta
+
+import torch
+
+from visualthinker_ray.weight_sync.plan import (
+    DEFAULT_BUCKET_BYTES,
+    Bucket,
+    Handshake,
+    TensorMeta,
+    WeightSyncError,
+    check_plan,
+    handshake_mismatch,
+    plan_buckets,
+    to_dtype,
+)
+
+
+def backend_for(device: str) -> str:
+    return "nccl" if str(device).startswith("cuda") else "gloo"
+
+
+class SyncGroup:
+    """This process's membership in one weight-sync group (rank 0 sends, ranks 1..N receive)."""
+
+    def __init__(self, addr: str, port: int, handshake: Handshake, rank: int, timeout_s: float, device):
+        self.addr, self.port, self.rank, self.timeout_s = addr, port, rank, timeout_s
+        self.world_size = handshake.world_size
+        self.device = torch.device(device)
+        self.name = f"weight-sync@{addr}:{port}"
+        self.broken: str | None = None  # set after a failed collective: the group must be rebuilt
+        self.pg = None
+        if handshake.backend != backend_for(str(self.device)):
+            raise WeightSyncError(
+                f"{self.name}: rank {rank} runs on {self.device} but the group's backend is "
+                f"{handshake.backend}; every rank of a group must be on the same kind of device"
+            )
+        timeout = timedelta(seconds=timeout_s)
+        try:
+            self.store = torch.distributed.TCPStore(
+                addr, port, self.world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False
+            )
+        except Exception as e:
+            raise WeightSyncError(
+                f"{self.name}: rank {rank} could not {'open' if rank == 0 else 'reach'} the group's store "
+                f"within {timeout_s:.0f}s ({e}); is the sender (rank 0) alive and the port free?"
+            ) from e
+        self._rendezvous(handshake)
+        store = torch.distributed.PrefixStore("pg", self.store)
+        if handshake.backend == "nccl":
+            self.pg = _nccl_group(store, rank, self.world_size, timeout, self.device)
+            # NCCL connects inside the first collective: make it here, under the same bound.
+            self.broadcast(torch.zeros(1, device=self.device), "the connection check")
+        else:
+            self.pg = torch.distributed.ProcessGroupGloo(store, rank, self.world_size, timeout)
+
+    def _rendezvous(self, handshake: Handshake) -> None:
+        """Every rank checks in with its handshake and compares it with rank 0's; past the deadline
+        the error names the ranks that never did."""
+        deadline = time.monotonic() + self.timeout_s
+        keys = [f"joined/{r}" for r in range(self.world_size)]
+        try:
+            self.store.set(f"joined/{self.rank}", handshake.to_json())
+            while not self.store.check(keys):
+                if time.monotonic() > deadline:
+                    missing = [r for r in range(self.world_size) if not self.store.check([f"joined/{r}"])]
+                    raise WeightSyncError(
+                        f"{self.name}: rank(s) {missing} of {self.world_size} did not join within "
+                        f"{self.timeout_s:.0f}s (seen from rank {self.rank}); the worker is dead, slow to "
+                        "start or cannot reach the address: rebuild the group on a new port once it is replaced"
+                    )
+                time.sleep(0.02)
+            others = (
+                {
+                    r: Handshake.from_json(self.store.get(f"joined/{r}").decode())
+                    for r in range(1, self.world_size)
+                }
+                if self.rank == 0
+                else {0: Handshake.from_json(self.store.get("joined/0").decode())}
+            )
+        except torch.distributed.DistError as e:
+            raise WeightSyncError(
+                f"{self.name}: rank {self.rank} lost the group's store while waiting for the other ranks "
+                f"({e}); the sender (rank 0) gave up or died: rebuild the group on a new port"
+            ) from e
+        for r, theirs in others.items():
+            diff = handshake_mismatch(handshake, theirs)
+            if diff:
+                raise WeightSyncError(
+                    f"{self.name}: rank {self.rank} and rank {r} disagree on the sync ({'; '.join(diff)}; "
+                    "this rank's value first). Same checkpoint, dtype and group on both ends?"
+                )
+
+    def broadcast(self, buf: torch.Tensor, what: str) -> None:
+        if self.broken:
+            raise WeightSyncError(f"{self.name} is broken ({self.broken}); rebuild it on a new port")
+        t0 = time.monotonic()
+        try:
+            if self.device.type == "cuda":
+                # An NCCL wait can outlive any timeout given to it (and a first collective
+                # connects outside it): run it where a deadline can fire, abort on expiry.
+                _within(self.timeout_s, lambda: self.pg.broadcast(buf, 0).wait())
+            else:
+                self.pg.broadcast(buf, 0).wait(timeout=timedelta(seconds=self.timeout_s))
+        except Exception as e:
+            self.broken = f"{what} failed on rank {self.rank}"
+            self.abort()
+            raise WeightSyncError(
+                f"{self.name}: {what} failed on rank {self.rank} after {time.monotonic() - t0:.1f}s "
+                f"(timeout {self.timeout_s:.0f}s): {e}. A peer died or stopped taking part; rebuild the group."
+            ) from e
+
+    def abort(self) -> None:
+        """Tear the communicator down now, without waiting for peers (NCCL: ncclCommAbort)."""
+        pg, self.pg = self.pg, None
+        abort = getattr(pg, "abort", None)
+        if callable(abort):
+            with contextlib.suppress(Exception):  # best effort: the group is being thrown away
+                abort()
+
+    def close(self) -> None:
+        # Dropping the references lets gloo close its sockets; the store closes with its last user.
+        if self.broken:
+            self.abort()
+        self.pg = None
+        self.store = None
+
+
+class _Expired(TimeoutError):
+    pass
+
+
+def _within(timeout_s: float, fn: Callable[[], object]) -> None:
+    """Run `fn` on a daemon thread; raise if it has not returned within `timeout_s`."""
+    box: list[BaseException] = []
+
+    def run():
+        try:
+            fn()
+        except BaseException as e:  # handed to the caller's thread
+            box.append(e)
+
+    t = threading.Thread(target=run, daemon=True, name="weight-sync-collective")
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        raise _Expired(f"no completion within {timeout_s:.0f}s")
+    if box:
+        raise box[0]
+
+
+def _nccl_group(store, rank: int, world_size: int, timeout: timedelta, device: torch.device):
+    # UNTESTED on this project's CPU machines (no GPU, no NCCL build); bench/gpu_check.py exercises the
+    # same calls on a GPU. NCCL's watchdog tears the whole process down on a collective timeout unless
+    # told otherwise; 3 = neither clean up nor kill: this class aborts the communicator itself and
+    # raises, so a learner survives a dead rollout worker. Read at construction, so set just here.
+    previous = os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING")
+    os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "3"
+    try:
+        opts = torch.distributed.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        torch.cuda.set_device(device)
+        return torch.distributed.ProcessGroupNCCL(store, rank, world_size, opts)
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_NCCL_ASYNC_ERROR_HANDLING", None)
+        else:
+            os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = previous
+
+
+class WeightSender:
+    """Rank 0: streams (name, tensor) pairs into wire-dtype buckets, broadcasting each one when full."""
+
+    def __init__(
+        self,
+        addr: str,
+        port: int,
+        handshake: Handshake,
+        timeout_s: float,
+        device,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    ):
+        self.bucket_bytes = bucket_bytes
+        self.group = SyncGroup(addr, port, handshake, 0, timeout_s, device)
+
+    def send(
+        self,
+        named_tensors: Iterable[tuple[str, torch.Tensor]],
+        metas: list[TensorMeta],
+        plan: list[Bucket] | None = None,
+    ) -> dict:
+        """Broadcast the tensors (in `metas` order, e.g. gathered one at a time), each cast to its
+        meta's wire dtype as it is copied into its bucket; returns transfer stats."""
+        plan = plan if plan is not None else plan_buckets(metas, self.bucket_bytes)
+        where = {i: (b, off) for b, bucket in enumerate(plan) for i, off in bucket.entries}
+        filled = [0] * len(plan)
+        buffers: dict[int, torch.Tensor] = {}
+        sent, nbytes, count, t0 = 0, 0, 0, time.monotonic()
+        for i, (name, t) in enumerate(named_tensors):
+            if i >= len(metas) or name != metas[i].name or tuple(t.shape) != metas[i].shape:
+                expected = f"{metas[i].name} {metas[i].shape}" if i < len(metas) else "the end"
+                raise WeightSyncError(
+                    f"{self.group.name}: tensor #{i} is {name} {tuple(t.shape)} but the metadata sent to "
+                    f"the workers says {expected}; the sender must stream exactly the tensors it described"
+                )
+            b, off = where[i]
+            if b not in buffers:
+                buffers[b] = torch.empty(
+                    plan[b].numel, dtype=to_dtype(plan[b].dtype), device=self.group.device
+                )
+            buffers[b][off : off + t.numel()].copy_(t.detach().reshape(-1))  # casts to the wire dtype
+            filled[b] += 1
+            count += 1
+            if filled[b] == len(plan[b].entries):
+                if b != sent:
+                    raise WeightSyncError(
+                        f"{self.group.name}: bucket {b} filled before bucket {sent} (bad plan)"
+                    )
+                buf = buffers.pop(b)
+                self.group.broadcast(
+                    buf, f"bucket {b + 1}/{len(plan)} ({buf.numel() * buf.element_size()} B)"
+                )
+                nbytes += buf.numel() * buf.element_size()
+                sent += 1
+        if count != len(metas):
+            raise WeightSyncError(
+                f"{self.group.name}: the sender streamed {count} tensors but described {len(metas)}; "
+                "the workers are still waiting for the rest, rebuild the group"
+            )
+        return {"buckets": len(plan), "bytes": nbytes, "seconds": time.monotonic() - t0}
+
+    def broadcast_flat(self, numel: int, dtype: str = "float32") -> float:
+        """One raw broadcast of `numel` elements (the benchmark's baseline); returns seconds."""
+        buf = torch.zeros(numel, dtype=to_dtype(dtype), device=self.group.device)
+        t0 = time.monotonic()
+        self.group.broadcast(buf, f"flat buffer ({buf.numel() * buf.element_size()} B)")
+        return time.monotonic() - t0
+
+    def close(self) -> None:
+        self.group.close()
+
+
+def receive_buckets(
+    group: SyncGroup, metas: list[TensorMeta], plan: list[Bucket]
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Ranks 1..N: each bucket's (name, view) pairs, in plan order, as soon as the bucket arrives.
+
+    A consumer that loads bucket by bucket holds one bucket's buffer at a time; the views are only
+    valid until the next bucket is asked for unless the consumer keeps a reference."""
+    check_plan(metas, plan)
+    for b, bucket in enumerate(plan):
+        buf = torch.empty(bucket.numel, dtype=to_dtype(bucket.dtype), device=group.device)
+        group.broadcast(buf, f"bucket {b + 1}/{len(plan)} ({buf.numel() * buf.element_size()} B)")
+        yield [
+            (metas[i].name, buf[off : off + metas[i].numel].view(metas[i].shape)) for i, off in bucket.entries
+        ]
+
+
+def receive_flat(group: SyncGroup, numel: int, dtype: str = "float32") -> float:
+    """One raw broadcast into a scratch buffer (the benchmark's baseline); returns seconds."""
+    buf = torch.empty(numel, dtype=to_dtype(dtype), device=group.device)
+    t0 = time.monotonic()
+    group.broadcast(buf, f"flat buffer ({buf.numel() * buf.element_size()} B)")
+    return time.monotonic() - t0
