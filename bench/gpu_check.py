@@ -308,7 +308,7 @@ def main() -> None:
     rows = [
         ("params", f"{learner['params'] / 1e9:.3f} B"),
         ("tokens / sequence", learner["tokens_per_sequence"]),
-        ("update step (G=%d)" % args.group, f"{learner['step_s']:.2f} s"),
+        (f"update step (G={args.group})", f"{learner['step_s']:.2f} s"),
         ("tokens/s", f"{learner['tokens_per_s']:.0f}"),
         ("MFU (bf16 dense peak)", f"{learner['mfu']:.1%}"),
         ("peak memory", f"{learner['peak_memory_gib']:.1f} GiB" if learner["peak_memory_gib"] else "n/a"),

@@ -28,6 +28,19 @@ class Receiver:
         self.group = SyncGroup("127.0.0.1", port, Handshake.from_json(handshake), rank, TIMEOUT_S, "cpu")
         return True
 
+    def join_then_die(self, port: int, handshake: str, rank: int) -> None:
+        """Checks in at the group's store with a matching handshake, then dies before connecting."""
+        import datetime
+
+        import torch.distributed as dist
+
+        store = dist.TCPStore(
+            "127.0.0.1", port, 2, is_master=False, timeout=datetime.timedelta(seconds=TIMEOUT_S)
+        )
+        store.set(f"joined/{rank}", handshake)
+        time.sleep(0.2)
+        os._exit(1)
+
     def receive(self, metas, plan, die_after_buckets: int | None = None) -> dict:
         got = {}
         for k, bucket in enumerate(receive_buckets(self.group, metas, plan)):
@@ -79,6 +92,18 @@ def test_a_peer_dead_before_it_joins_fails_group_creation_in_bound_and_the_learn
             "building the group",
             WeightSyncError,
         )
+    assert time.monotonic() - t0 < BOUND_S
+    _assert_alive(learner)
+
+
+def test_a_peer_that_joins_then_dies_fails_group_creation_in_bound_and_the_learner_survives(learner):
+    handshake = _handshake(learner, 2)
+    port = free_port()
+    refs = _open(learner, port, handshake)
+    Receiver.remote().join_then_die.remote(port, handshake, 1)
+    t0 = time.monotonic()
+    with pytest.raises(WeightSyncError, match=r"rank 0 could not connect the gloo group within 4s"):
+        wait_all(refs, BOUND_S, "building the group", WeightSyncError)
     assert time.monotonic() - t0 < BOUND_S
     _assert_alive(learner)
 

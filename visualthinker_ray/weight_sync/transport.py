@@ -67,12 +67,20 @@ class SyncGroup:
             ) from e
         self._rendezvous(handshake)
         store = torch.distributed.PrefixStore("pg", self.store)
+        try:
+            if handshake.backend == "nccl":
+                self.pg = _nccl_group(store, rank, self.world_size, timeout, self.device)
+            else:
+                self.pg = torch.distributed.ProcessGroupGloo(store, rank, self.world_size, timeout)
+        except Exception as e:  # gloo connects here; a peer that checked in and then died times out
+            raise WeightSyncError(
+                f"{self.name}: rank {rank} could not connect the {handshake.backend} group within "
+                f"{timeout_s:.0f}s ({str(e)[:300]}); a peer joined and then died or stopped: rebuild "
+                "the group on a new port once it is replaced"
+            ) from e
         if handshake.backend == "nccl":
-            self.pg = _nccl_group(store, rank, self.world_size, timeout, self.device)
             # NCCL connects inside the first collective: make it here, under the same bound.
             self.broadcast(torch.zeros(1, device=self.device), "the connection check")
-        else:
-            self.pg = torch.distributed.ProcessGroupGloo(store, rank, self.world_size, timeout)
 
     def _rendezvous(self, handshake: Handshake) -> None:
         """Every rank checks in with its handshake and compares it with rank 0's; past the deadline
