@@ -41,18 +41,20 @@ MIN_PIXELS, MAX_PIXELS = 28 * 28 * 4, 28 * 28 * 16
 
 
 def time_sync(pool: RolloutPool, source, repeats: int) -> dict:
-    full, raw, nbytes = [], [], 0
+    """Full syncs and raw broadcasts of the same bytes, interleaved (the shared machine drifts)."""
+    full, raw, update, finish, nbytes = [], [], [], [], 0
     pool.sync(source, version=1)  # builds the group; first reload warms vLLM's reload path
     for k in range(repeats):
         ray.get(source.perturb.remote(seed=k), timeout=600)
         out = pool.sync(source, version=2 + k)
         full.append(out["seconds"])
         nbytes = out["bytes"]
-    numel = nbytes // 4  # float32 model: the same bytes in one flat buffer
-    for _ in range(repeats):
+        worker = next(v for label, v in out["results"].items() if label.startswith("worker"))
+        update.append(worker["update_s"])
+        finish.append(worker["finish_s"])
         t0 = time.monotonic()
-        refs = {"sender": source.broadcast_flat.remote(numel)}
-        refs.update({f"worker {i}": w.receive_flat.remote(numel) for i, w in enumerate(pool.workers)})
+        refs = {"sender": source.broadcast_flat.remote(nbytes // 4)}  # float32: the same bytes, one buffer
+        refs.update({f"worker {i}": w.receive_flat.remote(nbytes // 4) for i, w in enumerate(pool.workers)})
         wait_all(refs, pool.timeout_s + 30, "raw broadcast", WeightSyncError)
         raw.append(time.monotonic() - t0)
     f, r = statistics.median(full), statistics.median(raw)
@@ -61,6 +63,8 @@ def time_sync(pool: RolloutPool, source, repeats: int) -> dict:
         "full_sync_s": f,
         "raw_broadcast_s": r,
         "ratio": f / r,
+        "receive_and_load_s": statistics.median(update),  # vLLM's update phase: buckets in, loaded
+        "finish_s": statistics.median(finish),  # vLLM's finish phase: layer-wise reload finalised
         "full_all": full,
         "raw_all": raw,
     }
@@ -68,7 +72,7 @@ def time_sync(pool: RolloutPool, source, repeats: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=5, help="timed syncs / raw broadcasts (median)")
+    ap.add_argument("--repeats", type=int, default=7, help="timed syncs / raw broadcasts (median)")
     ap.add_argument("--bucket-mb", type=float, default=64.0)
     ap.add_argument("--big-hidden", type=int, default=1024, help="hidden size of the ~200 MB model")
     ap.add_argument("--big-layers", type=int, default=6, help="decoder layers of the ~200 MB model")
@@ -105,13 +109,17 @@ def main() -> None:
         ray.kill(source)
     ray.shutdown()
 
-    header = f"{'model':16} {'tp':>3} {'MB':>8} {'full sync ms':>13} {'raw bcast ms':>13} {'ratio':>6}"
+    header = (
+        f"{'model':16} {'tp':>3} {'MB':>8} {'full sync ms':>13} {'raw bcast ms':>13} {'ratio':>6} "
+        f"{'receive+load ms':>16} {'finish ms':>10}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
         print(
             f"{r['model']:16} {r['tp']:>3} {r['bytes'] / 1e6:>8.1f} {r['full_sync_s'] * 1e3:>13.1f} "
-            f"{r['raw_broadcast_s'] * 1e3:>13.1f} {r['ratio']:>6.2f}"
+            f"{r['raw_broadcast_s'] * 1e3:>13.1f} {r['ratio']:>6.2f} {r['receive_and_load_s'] * 1e3:>16.1f} "
+            f"{r['finish_s'] * 1e3:>10.1f}"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,9 @@ checkpoint format renames (its Qwen2-VL mapper takes the in-memory `model.langua
 from __future__ import annotations
 
 import os
+import time
 
+import numpy as np
 import torch
 
 from visualthinker_ray.data.prompts import build_prompt, load_images
@@ -194,7 +196,7 @@ class VLLMEngine:
         self.llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": info})
         self.full_sync_received = False
 
-    def receive_weights(self, metas: list[TensorMeta], plan: list, version: int, skipped=()) -> None:
+    def receive_weights(self, metas: list[TensorMeta], plan: list, version: int, skipped=()) -> dict:
         """One sync: vLLM's start / update (every worker receives the buckets) / finish phases,
         then drop the caches that hold results of the old weights."""
         if skipped and not self.full_sync_received:
@@ -215,14 +217,20 @@ class VLLMEngine:
             # loaded (measured: without it, log-probs are off by ~0.6).
             aliases={a: src for a, src in self.tied.items() if src in sent},
         )
+        t = [time.monotonic()]
         self.llm.collective_rpc("start_weight_update")
-        self.llm.collective_rpc("update_weights", kwargs={"update_info": update})
+        t.append(time.monotonic())
+        self.llm.collective_rpc("update_weights", kwargs={"update_info": update})  # receive + load
+        t.append(time.monotonic())
         self.llm.collective_rpc("finish_weight_update")
+        t.append(time.monotonic())
         self.llm.reset_prefix_cache()
         self.llm.reset_mm_cache()
         self.llm.llm_engine.reset_encoder_cache()  # on the CPU build the next request fails without it
+        t.append(time.monotonic())
         self.policy_version = version
         self.full_sync_received = True
+        return dict(zip(("start_s", "update_s", "finish_s", "reset_s"), np.diff(t).tolist(), strict=True))
 
     def receive_flat(self, numel: int, dtype: str) -> float:
         """One raw broadcast into every worker (the benchmark's baseline); the slowest worker's seconds."""

@@ -72,8 +72,9 @@ class RolloutWorker:
     def receive_weights(self, metas: list[TensorMeta], plan: list[Bucket], version: int, skipped=()) -> dict:
         """One sync: receive every bucket through the group and load it into the engine."""
         t0 = time.monotonic()
+        phases = {}
         if self.kind == "vllm":
-            self.engine.receive_weights(metas, plan, version, skipped)
+            phases = self.engine.receive_weights(metas, plan, version, skipped)
         else:
             if self.group is None:
                 raise RuntimeError(
@@ -86,7 +87,7 @@ class RolloutWorker:
             named = [pair for bucket in receive_buckets(self.group, metas, plan) for pair in bucket]
             self.engine.update_weights(named, version, skipped)
             self.full_sync_received = True
-        return {"seconds": time.monotonic() - t0, "version": version}
+        return {"seconds": time.monotonic() - t0, "version": version, **phases}
 
     def receive_flat(self, numel: int, dtype: str = "float32") -> float:
         """One raw broadcast into scratch buffers (the benchmark's baseline for a sync's bytes)."""

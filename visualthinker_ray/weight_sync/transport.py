@@ -120,23 +120,46 @@ class SyncGroup:
                 )
 
     def broadcast(self, buf: torch.Tensor, what: str) -> None:
+        self.start_broadcast(buf, what)()
+
+    def start_broadcast(self, buf: torch.Tensor, what: str) -> Callable[[], None]:
+        """Post a broadcast of `buf` (from rank 0) and return the call that waits for it, bounded.
+
+        Posting the next bucket before waiting for, or loading, the current one lets the bytes of one
+        bucket move while the other is filled or loaded. Keep `buf` alive until the wait returns."""
         if self.broken:
             raise WeightSyncError(f"{self.name} is broken ({self.broken}); rebuild it on a new port")
         t0 = time.monotonic()
+        cuda = self.device.type == "cuda"
+        works: list = []
         try:
-            if self.device.type == "cuda":
-                # An NCCL wait can outlive any timeout given to it (and a first collective
-                # connects outside it): run it where a deadline can fire, abort on expiry.
-                _within(self.timeout_s, lambda: self.pg.broadcast(buf, 0).wait())
+            if cuda:
+                # NCCL connects inside the first collective, outside any wait's timeout, and an NCCL
+                # wait can outlive its timeout: run both where a deadline can fire, abort on expiry.
+                _within(self.timeout_s, lambda: works.append(self.pg.broadcast(buf, 0)))
             else:
-                self.pg.broadcast(buf, 0).wait(timeout=timedelta(seconds=self.timeout_s))
+                works.append(self.pg.broadcast(buf, 0))
         except Exception as e:
-            self.broken = f"{what} failed on rank {self.rank}"
-            self.abort()
-            raise WeightSyncError(
-                f"{self.name}: {what} failed on rank {self.rank} after {time.monotonic() - t0:.1f}s "
-                f"(timeout {self.timeout_s:.0f}s): {e}. A peer died or stopped taking part; rebuild the group."
-            ) from e
+            self._fail(what, t0, e)
+
+        def wait() -> None:
+            try:
+                if cuda:
+                    _within(self.timeout_s, works[0].wait)
+                else:
+                    works[0].wait(timeout=timedelta(seconds=self.timeout_s))
+            except Exception as e:
+                self._fail(what, t0, e)
+
+        return wait
+
+    def _fail(self, what: str, t0: float, e: Exception):
+        self.broken = f"{what} failed on rank {self.rank}"
+        self.abort()
+        raise WeightSyncError(
+            f"{self.name}: {what} failed on rank {self.rank} after {time.monotonic() - t0:.1f}s "
+            f"(timeout {self.timeout_s:.0f}s): {e}. A peer died or stopped taking part; rebuild the group."
+        ) from e
 
     def abort(self) -> None:
         """Tear the communicator down now, without waiting for peers (NCCL: ncclCommAbort)."""
@@ -224,6 +247,8 @@ class WeightSender:
         filled = [0] * len(plan)
         buffers: dict[int, torch.Tensor] = {}
         sent, nbytes, count, t0 = 0, 0, 0, time.monotonic()
+        inflight: Callable[[], None] | None = None
+        on_wire = None
         for i, (name, t) in enumerate(named_tensors):
             if i >= len(metas) or name != metas[i].name or tuple(t.shape) != metas[i].shape:
                 expected = f"{metas[i].name} {metas[i].shape}" if i < len(metas) else "the end"
@@ -245,11 +270,17 @@ class WeightSender:
                         f"{self.group.name}: bucket {b} filled before bucket {sent} (bad plan)"
                     )
                 buf = buffers.pop(b)
-                self.group.broadcast(
+                if inflight is not None:
+                    inflight()  # at most one bucket on the wire while the next one fills
+                inflight = self.group.start_broadcast(
                     buf, f"bucket {b + 1}/{len(plan)} ({buf.numel() * buf.element_size()} B)"
                 )
+                on_wire = buf  # referenced until its wait returns
                 nbytes += buf.numel() * buf.element_size()
                 sent += 1
+        if inflight is not None:
+            inflight()
+        del on_wire
         if count != len(metas):
             raise WeightSyncError(
                 f"{self.group.name}: the sender streamed {count} tensors but described {len(metas)}; "
@@ -276,9 +307,18 @@ def receive_buckets(
     A consumer that loads bucket by bucket holds one bucket's buffer at a time; the views are only
     valid until the next bucket is asked for unless the consumer keeps a reference."""
     check_plan(metas, plan)
+
+    def post(b: int):
+        buf = torch.empty(plan[b].numel, dtype=to_dtype(plan[b].dtype), device=group.device)
+        what = f"bucket {b + 1}/{len(plan)} ({buf.numel() * buf.element_size()} B)"
+        return buf, group.start_broadcast(buf, what)
+
+    pending = post(0) if plan else None
     for b, bucket in enumerate(plan):
-        buf = torch.empty(bucket.numel, dtype=to_dtype(bucket.dtype), device=group.device)
-        group.broadcast(buf, f"bucket {b + 1}/{len(plan)} ({buf.numel() * buf.element_size()} B)")
+        buf, wait = pending
+        wait()
+        # the next bucket moves while the consumer loads this one
+        pending = post(b + 1) if b + 1 < len(plan) else None
         yield [
             (metas[i].name, buf[off : off + metas[i].numel].view(metas[i].shape)) for i, off in bucket.entries
         ]
