@@ -172,3 +172,20 @@ def test_the_group_is_rebuilt_on_a_new_port_after_replacing_or_adding_workers(se
     assert pool.weights.group["port"] != first_port and pool.weights.group["world_size"] == 4
     _assert_served_weights_equal(pool, ray.get(source.weights.remote()))
     assert pool.policy_versions() == [4, 4, 4]
+
+
+def test_frozen_parameters_are_sent_once_per_group_and_stay_served(setup, tiny_model_dir):
+    pool, _ = setup
+    frozen = ray.remote(num_cpus=0)(ModelWeightSource).remote(tiny_model_dir, 256 * 1024, True)
+    pool.weights.reset()  # a new sender: a new group, whose first sync carries everything
+    try:
+        for version in (10, 11, 12):
+            ray.get(frozen.perturb.remote(seed=version))  # moves only the trainable parameters
+            out = pool.sync(frozen, version=version)
+            _assert_served_weights_equal(pool, ray.get(frozen.weights.remote()))
+        counts = ray.get(frozen.send_counts.remote())
+        visual = [n for n in ray.get(frozen.weights.remote()) if n.startswith("model.visual.")]
+        assert counts[1] == counts[2] == counts[0] - len(visual) and out["skipped_params"] == len(visual)
+    finally:
+        ray.kill(frozen)
+        pool.weights.reset()

@@ -158,3 +158,33 @@ def test_device_cuda_without_a_gpu_fails_at_start_with_a_clear_error(tiny_model_
     cfg = load_config(None, [f"model.path={tiny_model_dir}", "resources.device=cuda"])
     with pytest.raises(LearnerError, match="resources.device=cuda but this process sees no GPU"):
         LearnerGroup(cfg, total_optimizer_steps=1, setup_timeout_s=60)
+
+
+def test_a_failed_send_keeps_a_two_rank_learner_in_step(tiny_model_dir, learner):
+    """Rank 0 fails before it broadcasts anything (here: no sync group); rank 1 gathers every
+    parameter (an FSDP collective each). Rank 0 must still join those gathers, or rank 1 waits for
+    them and the learner's next collective pairs with the wrong one."""
+    cfg = load_config(
+        None,
+        [
+            f"model.path={tiny_model_dir}",
+            "learner.num_workers=2",
+            "resources.collective_timeout_s=30",
+            "algorithm.beta=0",
+        ],
+    )
+    group = LearnerGroup(cfg, total_optimizer_steps=1)
+    try:
+        metas = group.weight_metas()
+        t0 = time.monotonic()
+        with pytest.raises(
+            WeightSyncError, match="learner rank 0: RuntimeError: learner rank 0 has no weight-sync group"
+        ):
+            wait_all(
+                group.send_weights(metas, plan_buckets(metas, 64 * 1024)), 25, "the sync", WeightSyncError
+            )
+        assert time.monotonic() - t0 < 25
+        weights = _assert_alive(group)  # the next collectives pair up: the gathered weights are whole
+        assert {n: tuple(t.shape) for n, t in weights.items()} == {m.name: m.shape for m in metas}
+    finally:
+        group.shutdown()

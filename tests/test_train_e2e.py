@@ -4,6 +4,7 @@ import json
 
 import pytest
 import ray
+import torch
 from safetensors.torch import save_file
 
 from visualthinker_ray import checkpoint
@@ -200,6 +201,10 @@ def test_every_sync_puts_the_learners_weights_into_every_vllm_worker(
                 assert r["tensors"] > 20 and not r["unequal"], (
                     f"step {step}, TP rank {r['rank']}: {r['unequal']}"
                 )
+            if tp == 1:  # and directly, unfused and under transformers names, against the learner's tensors
+                served = ray.get(trainer.rollout.workers[0].engine_weights.remote(), timeout=120)
+                differ = [n for n, t in weights.items() if not torch.equal(served[n], t)]
+                assert not differ and set(weights) <= set(served), f"step {step}: {differ[:3]}"
             if step >= 2:  # generated with the weights of the previous sync
                 assert metrics["learner/logprob_mismatch"] < 1e-3, metrics["learner/logprob_mismatch"]
                 assert metrics["learner/logprob_mismatch_max"] < 1e-2, metrics["learner/logprob_mismatch_max"]

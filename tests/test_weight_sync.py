@@ -82,10 +82,21 @@ def test_check_update_is_strict():
         check_update([("a.weight", (2, 3)), ("b.bias", (1,))], expected)
     with pytest.raises(WeightSyncError, match="sent twice"):
         check_update([("a.weight", (2, 3)), ("a.weight", (2, 3)), ("b.bias", (3,))], expected)
-    # frozen parameters may be left out once, by name; any other omission still fails
-    check_update([("a.weight", (2, 3))], expected, may_skip=["b.bias"])
-    with pytest.raises(WeightSyncError, match=r"missing 1 of 2 weights.*a.weight"):
-        check_update([("b.bias", (3,))], expected, may_skip=["x"])
+    # frozen parameters may be left out, by name and in whole blocks; any other omission still fails
+    model = {
+        "m.visual.blocks.0.qkv.weight": (3,),
+        "m.text.layers.0.q.weight": (2,),
+        "m.text.layers.0.k.weight": (2,),
+    }
+    text = [("m.text.layers.0.q.weight", (2,)), ("m.text.layers.0.k.weight", (2,))]
+    check_update(text, model, may_skip=["m.visual.blocks.0.qkv.weight"])
+    with pytest.raises(WeightSyncError, match=r"missing 1 of 3 weights.*m.visual.blocks.0.qkv.weight"):
+        check_update(text, model, may_skip=["x"])
+    # q without k would make vLLM rebuild the fused qkv layer from a partial load
+    with pytest.raises(WeightSyncError, match=r"leaves out only some weights of \['m.text.layers.0'\]"):
+        check_update(
+            text[:1] + [("m.visual.blocks.0.qkv.weight", (3,))], model, may_skip=["m.text.layers.0.k.weight"]
+        )
 
 
 def test_wire_dtype_casts_floating_weights_only():

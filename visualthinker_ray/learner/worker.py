@@ -325,11 +325,19 @@ class LearnerWorker:
             for _ in named:
                 pass
             return {}
-        if getattr(self, "sync_sender", None) is None:
-            raise RuntimeError(
-                "learner rank 0 has no weight-sync group; the rollout pool must build it first"
-            )
-        return self.sync_sender.send(named, metas, plan)
+        try:
+            if getattr(self, "sync_sender", None) is None:
+                raise RuntimeError(
+                    "learner rank 0 has no weight-sync group; the rollout pool must build it first"
+                )
+            return self.sync_sender.send(named, metas, plan)
+        except BaseException:
+            # The other ranks gather every described parameter (a collective each): finish the
+            # gathers rank 0 has not joined yet, or they wait for it and the next collective pairs
+            # with the wrong one.
+            for _ in named:
+                pass
+            raise
 
     def full_state_dict(self, reference: bool = False) -> dict[str, torch.Tensor] | None:
         """The full parameters on CPU on rank 0 (None elsewhere): for tests and HF export."""

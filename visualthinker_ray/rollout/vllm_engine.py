@@ -42,6 +42,9 @@ VLLM_TO_HF_PREFIX = (
 # Fused vLLM linear layers and the HF weights they are made of, in order (Qwen2 text layers).
 FUSED_LINEARS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
+# Slack on top of the sync group's timeout for vLLM's own RPC round trip to its workers.
+RPC_SLACK_S = 30.0
+
 # A logit bias this low gives a banned token probability ~exp(-100): zero in float32.
 BAN_BIAS = -100.0
 
@@ -175,6 +178,7 @@ class VLLMEngine:
         self.alias_shapes = {alias: self.param_shapes[src] for alias, src in self.tied.items()}
         self.policy_version = 0
         self.full_sync_received = False
+        self.sync_timeout_s = 600.0  # set again by init_weight_sync
 
     # -- weights ------------------------------------------------------------------------------------
     def sync_info(self) -> dict:
@@ -193,7 +197,11 @@ class VLLMEngine:
         # The workers cannot name the transformers parameters: this process vouches for the checkpoint.
         mine = Handshake.from_json(handshake).mine(self.param_shapes).to_json()
         info = dict(addr=addr, port=port, rank_offset=rank_offset, timeout_s=timeout_s, handshake=mine)
-        self.llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": info})
+        # The group's rendezvous and connection are bounded by timeout_s inside each worker.
+        self.sync_timeout_s = timeout_s
+        self.llm.collective_rpc(
+            "init_weight_transfer_engine", kwargs={"init_info": info}, timeout=2 * timeout_s + RPC_SLACK_S
+        )
         self.full_sync_received = False
 
     def receive_weights(self, metas: list[TensorMeta], plan: list, version: int, skipped=()) -> dict:
@@ -216,13 +224,18 @@ class VLLMEngine:
             # tied lm_head keeps its own packed copy, only rebuilt when lm_head.weight itself is
             # loaded (measured: without it, log-probs are off by ~0.6).
             aliases={a: src for a, src in self.tied.items() if src in sent},
+            skipped=len(skipped),
         )
         t = [time.monotonic()]
-        self.llm.collective_rpc("start_weight_update")
+        bound = self.sync_timeout_s + RPC_SLACK_S
+        self.llm.collective_rpc("start_weight_update", timeout=bound)
         t.append(time.monotonic())
-        self.llm.collective_rpc("update_weights", kwargs={"update_info": update})  # receive + load
+        # receive + load: each bucket's broadcast is bounded by the group's timeout
+        self.llm.collective_rpc(
+            "update_weights", kwargs={"update_info": update}, timeout=bound * (len(plan) + 1)
+        )
         t.append(time.monotonic())
-        self.llm.collective_rpc("finish_weight_update")
+        self.llm.collective_rpc("finish_weight_update", timeout=bound)
         t.append(time.monotonic())
         self.llm.reset_prefix_cache()
         self.llm.reset_mm_cache()
@@ -234,7 +247,8 @@ class VLLMEngine:
 
     def receive_flat(self, numel: int, dtype: str) -> float:
         """One raw broadcast into every worker (the benchmark's baseline); the slowest worker's seconds."""
-        return max(self.llm.collective_rpc("vtr_receive_flat", args=(numel, dtype)))
+        bound = self.sync_timeout_s + RPC_SLACK_S
+        return max(self.llm.collective_rpc("vtr_receive_flat", args=(numel, dtype), timeout=bound))
 
     def read_weights(self) -> dict[str, torch.Tensor]:
         """The served weights under transformers names, unfused and unpadded, on the CPU (tests,

@@ -136,13 +136,27 @@ def check_update(
         if name in seen:
             raise WeightSyncError(f"{who}: weight {name!r} sent twice in one update")
         seen.add(name)
-    skip = set(may_skip)
+    skip = set(may_skip) - seen
+    # vLLM fuses the weights of one block (q/k/v, gate/up) into one layer: a block is sent whole or
+    # left out whole, or the layer would be rebuilt from a partial load.
+    partial = sorted({_block(n) for n in skip if n in expected} & {_block(n) for n in seen})
+    if partial:
+        raise WeightSyncError(
+            f"{who}: the update leaves out only some weights of {partial[:3]}; frozen parameters must "
+            "be whole blocks (freeze a module, not single tensors of a fused layer)"
+        )
     missing = [n for n in expected if n not in seen and n not in skip]
     if missing:
         raise WeightSyncError(
             f"{who}: update is missing {len(missing)} of {len(expected)} weights (first: {missing[:3]}); "
             "a sync must carry every parameter that can change"
         )
+
+
+def _block(name: str) -> str:
+    """The module two levels above a parameter ('m.layers.0.self_attn.q_proj.weight' ->
+    'm.layers.0.self_attn'): the unit inside which vLLM fuses weights."""
+    return name.rsplit(".", 2)[0] if name.count(".") >= 2 else ""
 
 
 @dataclass(frozen=True)

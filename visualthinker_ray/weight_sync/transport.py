@@ -143,11 +143,14 @@ class SyncGroup:
             self._fail(what, t0, e)
 
         def wait() -> None:
+            bound = timedelta(seconds=self.timeout_s)
             try:
                 if cuda:
-                    _within(self.timeout_s, works[0].wait)
+                    # With a timeout, an NCCL work's wait blocks this thread until the collective is
+                    # done and raises on expiry (without one it only orders streams and returns).
+                    _within(self.timeout_s + 5, lambda: works[0].wait(timeout=bound))
                 else:
-                    works[0].wait(timeout=timedelta(seconds=self.timeout_s))
+                    works[0].wait(timeout=bound)
             except Exception as e:
                 self._fail(what, t0, e)
 
@@ -170,9 +173,13 @@ class SyncGroup:
                 abort()
 
     def close(self) -> None:
-        # Dropping the references lets gloo close its sockets; the store closes with its last user.
+        # Dropping the references lets gloo close its sockets; an NCCL group is shut down explicitly
+        # (its communicators hold GPU memory); the store closes with its last user.
         if self.broken:
             self.abort()
+        elif self.pg is not None and self.device.type == "cuda":
+            with contextlib.suppress(Exception):
+                self.pg.shutdown()
         self.pg = None
         self.store = None
 
@@ -202,11 +209,12 @@ def _within(timeout_s: float, fn: Callable[[], object]) -> None:
 
 def _nccl_group(store, rank: int, world_size: int, timeout: timedelta, device: torch.device):
     # UNTESTED on this project's CPU machines (no GPU, no NCCL build); bench/gpu_check.py exercises the
-    # same calls on a GPU. NCCL's watchdog tears the whole process down on a collective timeout unless
-    # told otherwise; 3 = neither clean up nor kill: this class aborts the communicator itself and
-    # raises, so a learner survives a dead rollout worker. Read at construction, so set just here.
+    # same calls on a GPU. NCCL's watchdog tears the whole process down on a collective timeout by
+    # default (3, SkipCleanUp, tears down too); 2 = CleanUpOnly: abort the communicators, keep the
+    # process, so a learner survives a dead rollout worker (this class also aborts and raises itself).
+    # Read when the group is constructed, so it is set just around that, for this group alone.
     previous = os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING")
-    os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "3"
+    os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "2"
     try:
         opts = torch.distributed.ProcessGroupNCCL.Options()
         opts._timeout = timeout
@@ -252,6 +260,7 @@ class WeightSender:
         for i, (name, t) in enumerate(named_tensors):
             if i >= len(metas) or name != metas[i].name or tuple(t.shape) != metas[i].shape:
                 expected = f"{metas[i].name} {metas[i].shape}" if i < len(metas) else "the end"
+                self.group.broken = "the sender's stream differed from its metadata"
                 raise WeightSyncError(
                     f"{self.group.name}: tensor #{i} is {name} {tuple(t.shape)} but the metadata sent to "
                     f"the workers says {expected}; the sender must stream exactly the tensors it described"
@@ -266,6 +275,7 @@ class WeightSender:
             count += 1
             if filled[b] == len(plan[b].entries):
                 if b != sent:
+                    self.group.broken = "a bad bucket plan"
                     raise WeightSyncError(
                         f"{self.group.name}: bucket {b} filled before bucket {sent} (bad plan)"
                     )
@@ -282,6 +292,7 @@ class WeightSender:
             inflight()
         del on_wire
         if count != len(metas):
+            self.group.broken = "the sender streamed fewer tensors than it described"
             raise WeightSyncError(
                 f"{self.group.name}: the sender streamed {count} tensors but described {len(metas)}; "
                 "the workers are still waiting for the rest, rebuild the group"

@@ -51,13 +51,19 @@ class GroupUpdateInfo:
     metas: list  # [name, shape, wire dtype] per tensor, transformers names
     plan: list  # [dtype, [[meta index, offset], ...], numel] per bucket
     aliases: dict = field(default_factory=dict)  # tied alias -> the parameter whose tensor it is
+    skipped: int = 0  # parameters left out of this sync (frozen ones, whole layers)
 
 
 class _SilenceSkippedLayers(logging.Filter):
     # A sync that leaves out frozen layers makes vLLM's reload warn "Failed to load weights" for
-    # each of them, every sync; it puts their old tensors back, which is what a skip means.
+    # each of them, every sync; it puts their old tensors back, which is what a skip means. Only
+    # while such a sync runs: on a full sync the warning means a layer kept stale weights.
+    def __init__(self):
+        super().__init__()
+        self.active = False
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Failed to load weights" not in record.getMessage()
+        return not (self.active and "Failed to load weights" in record.getMessage())
 
 
 def _engine_class():
@@ -78,9 +84,8 @@ def _engine_class():
         def __init__(self, config, vllm_config, device, model):
             super().__init__(config, vllm_config, device, model)
             self.group: SyncGroup | None = None
-            logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
-                _SilenceSkippedLayers()
-            )
+            self.quiet = _SilenceSkippedLayers()
+            logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(self.quiet)
 
         @property
         def sync_rank(self) -> int:
@@ -113,13 +118,24 @@ def _engine_class():
             plan = [Bucket(d, tuple(tuple(e) for e in entries), n) for d, entries, n in update_info.plan]
             aliases = update_info.aliases
             served = self.model_config.dtype
-            for named in receive_buckets(self.group, metas, plan):
-                items = [(n, t.to(served)) for n, t in named]
-                items += [(a, t) for n, t in items for a, src in aliases.items() if src == n]
-                self.model.load_weights(items)
+            self.quiet.active = update_info.skipped > 0
+            try:
+                for named in receive_buckets(self.group, metas, plan):
+                    items = [(n, t.to(served)) for n, t in named]
+                    items += [(a, t) for n, t in items for a, src in aliases.items() if src == n]
+                    self.model.load_weights(items)
+            except BaseException:
+                # vLLM drops the update session without finishing the layer-wise reload: finish it
+                # here, so untouched layers get their tensors back and no layer keeps half a load
+                # buffered into the next sync. Half-loaded layers now hold partial weights: the
+                # engine must get a full sync (a failed sync makes the coordinator rebuild the group,
+                # and the first sync over a group carries every parameter).
+                finalize_layerwise_reload(self.model, self.model_config)
+                raise
 
         def finish_weight_update(self) -> None:
             finalize_layerwise_reload(self.model, self.model_config)
+            self.quiet.active = False
 
         def shutdown(self) -> None:
             if self.group is not None:
