@@ -285,11 +285,13 @@ class LearnerWorker:
         return out
 
     # -- weights -----------------------------------------------------------------------------------
-    def iter_full_params(self, reference: bool = False):
-        """(name, full tensor) per parameter, gathered one at a time; every rank must iterate."""
+    def iter_full_params(self, reference: bool = False, names: set[str] | None = None):
+        """(name, full tensor) per parameter (only `names`, if given), gathered one at a time;
+        every rank must iterate, with the same `names`."""
         model = self.ref_model if reference else self.model
         for name, p in model.named_parameters():
-            yield name, full_tensor(p.detach())
+            if names is None or name in names:
+                yield name, full_tensor(p.detach())
 
     def weight_metas(self, served_dtype: str | None = None, trainable_only: bool = False) -> list:
         """Names, full shapes and wire dtypes of the parameters to send, without gathering anything:
@@ -319,8 +321,7 @@ class LearnerWorker:
     def send_weights(self, metas: list, plan) -> dict:
         """Every rank gathers the described parameters one by one; rank 0 casts each to its wire
         dtype into the sync buckets and broadcasts them as they fill."""
-        wanted = {m.name for m in metas}
-        named = ((n, full_tensor(p.detach())) for n, p in self.model.named_parameters() if n in wanted)
+        named = self.iter_full_params(names={m.name for m in metas})
         if self.rank != 0:
             for _ in named:
                 pass

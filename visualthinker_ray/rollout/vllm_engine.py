@@ -177,7 +177,6 @@ class VLLMEngine:
         self.param_shapes, self.tied = hf_parameter_shapes(model_path)
         self.alias_shapes = {alias: self.param_shapes[src] for alias, src in self.tied.items()}
         self.policy_version = 0
-        self.full_sync_received = False
         self.sync_timeout_s = 600.0  # set again by init_weight_sync
 
     # -- weights ------------------------------------------------------------------------------------
@@ -202,16 +201,10 @@ class VLLMEngine:
         self.llm.collective_rpc(
             "init_weight_transfer_engine", kwargs={"init_info": info}, timeout=2 * timeout_s + RPC_SLACK_S
         )
-        self.full_sync_received = False
 
     def receive_weights(self, metas: list[TensorMeta], plan: list, version: int, skipped=()) -> dict:
         """One sync: vLLM's start / update (every worker receives the buckets) / finish phases,
         then drop the caches that hold results of the old weights."""
-        if skipped and not self.full_sync_received:
-            raise RuntimeError(
-                f"a sync that leaves out {len(skipped)} frozen parameter(s) reached an engine that has not "
-                "had a full sync over this group; the coordinator must send everything first"
-            )
         # Checked before vLLM sees anything: a reload that fails half-way leaves layers on the meta device.
         check_update(
             [(m.name, m.shape) for m in metas], self.param_shapes, self.alias_shapes, "vLLM engine", skipped
@@ -242,7 +235,6 @@ class VLLMEngine:
         self.llm.llm_engine.reset_encoder_cache()  # on the CPU build the next request fails without it
         t.append(time.monotonic())
         self.policy_version = version
-        self.full_sync_received = True
         return dict(zip(("start_s", "update_s", "finish_s", "reset_s"), np.diff(t).tolist(), strict=True))
 
     def receive_flat(self, numel: int, dtype: str) -> float:

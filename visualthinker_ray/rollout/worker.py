@@ -55,6 +55,7 @@ class RolloutWorker:
     ) -> None:
         """Join a (new) sync group at `rank_offset` (vLLM: each worker at rank_offset + its TP rank)."""
         self.close_sync_group()
+        self.full_sync_received = False
         if self.kind == "vllm":
             self.engine.init_weight_sync(addr, port, rank_offset, timeout_s, handshake)
         else:
@@ -62,7 +63,6 @@ class RolloutWorker:
             shapes = {n: tuple(p.shape) for n, p in self.engine.model.named_parameters()}
             mine = Handshake.from_json(handshake).mine(shapes)
             self.group = SyncGroup(addr, port, mine, rank_offset, timeout_s, device)
-            self.full_sync_received = False
 
     def close_sync_group(self) -> None:
         if self.group is not None:
@@ -71,6 +71,11 @@ class RolloutWorker:
 
     def receive_weights(self, metas: list[TensorMeta], plan: list[Bucket], version: int, skipped=()) -> dict:
         """One sync: receive every bucket through the group and load it into the engine."""
+        if skipped and not self.full_sync_received:
+            raise RuntimeError(
+                f"a sync that leaves out {len(skipped)} frozen parameter(s) came before a full one over "
+                "this group; the coordinator must send everything first"
+            )
         t0 = time.monotonic()
         phases = {}
         if self.kind == "vllm":
@@ -80,13 +85,9 @@ class RolloutWorker:
                 raise RuntimeError(
                     "this rollout worker has no weight-sync group; the pool must build it first"
                 )
-            if skipped and not self.full_sync_received:
-                raise RuntimeError(
-                    "a sync without the frozen parameters came before a full one over this group"
-                )
             named = [pair for bucket in receive_buckets(self.group, metas, plan) for pair in bucket]
             self.engine.update_weights(named, version, skipped)
-            self.full_sync_received = True
+        self.full_sync_received = True
         return {"seconds": time.monotonic() - t0, "version": version, **phases}
 
     def receive_flat(self, numel: int, dtype: str = "float32") -> float:

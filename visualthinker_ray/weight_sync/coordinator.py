@@ -74,6 +74,7 @@ class SyncCoordinator:
         self.timeout_s, self.bucket_bytes, self.skip_frozen = timeout_s, bucket_bytes, skip_frozen
         self.group: dict | None = None  # {"addr", "port", "world_size", "handshake"} of the live group
         self.full_sync_done = False
+        self.all_names: set[str] = set()  # every parameter, from the group's first (full) sync
 
     def reset(self) -> None:
         """Forget the group (a receiver was replaced or added): the next sync builds a new one."""
@@ -132,9 +133,12 @@ class SyncCoordinator:
             self.build_group(sender, receivers, version)
         t0 = time.monotonic()
         wire = self.group["handshake"].wire_dtype
-        full = sender.weight_metas(wire, trainable_only=False)
-        metas = full if not (self.full_sync_done and self.skip_frozen) else sender.weight_metas(wire, True)
-        skipped = sorted({m.name for m in full} - {m.name for m in metas})
+        if self.full_sync_done and self.skip_frozen:
+            metas = sender.weight_metas(wire, trainable_only=True)
+            skipped = sorted(self.all_names - {m.name for m in metas})
+        else:  # the first sync over a group: everything, and the names it holds
+            metas = sender.weight_metas(wire, trainable_only=False)
+            self.all_names, skipped = {m.name for m in metas}, []
         plan = plan_buckets(metas, self.bucket_bytes)
         refs = dict(sender.send_weights(metas, plan))
         for label, r in receivers.items():
