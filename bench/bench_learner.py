@@ -21,6 +21,7 @@ from pathlib import Path
 
 import ray
 
+from visualthinker_ray.batches import TrainItem
 from visualthinker_ray.config import load_config
 from visualthinker_ray.data.sat import load_sat
 from visualthinker_ray.data.synthetic import make_synthetic
@@ -38,15 +39,14 @@ def make_items(model_dir, data_dir, prompts, group, tokens, cfg):
     items = []
     for rec in records:
         plen = len(encode_prompt(proc, rec, cfg.model.min_pixels, cfg.model.max_pixels).input_ids)
-        d = rec.to_dict()
         for _ in range(group):
             items.append(
-                {
-                    "record": d,
-                    "token_ids": [rng.choice(vocab) for _ in range(tokens)],
-                    "advantage": rng.uniform(-1, 1),
-                    "prompt_len": plen,
-                }
+                TrainItem(
+                    record=rec,
+                    token_ids=[rng.choice(vocab) for _ in range(tokens)],
+                    advantage=rng.uniform(-1, 1),
+                    prompt_len=plen,
+                )
             )
     return items
 

@@ -119,3 +119,21 @@ def test_sync_bucket_size_reaches_the_rollout_pool():
 
     assert pool_args(load_config())["bucket_bytes"] == 256 * 1024 * 1024
     assert pool_args(load_config(None, ["rollout.sync_bucket_mb=0.25"]))["bucket_bytes"] == 256 * 1024
+
+
+def test_loss_variants_fill_in_what_they_imply_and_refuse_contradictions():
+    dr = load_config(None, ["algorithm.loss=dr_grpo"]).algorithm
+    assert (dr.loss_agg, dr.scale_adv_by_std, dr.ratio_level) == ("seq_mean_token_sum_norm", False, "token")
+    gspo = load_config(None, ["algorithm.loss=gspo"]).algorithm
+    assert (gspo.ratio_level, gspo.clip_low, gspo.clip_high) == ("sequence", 3e-4, 4e-4)
+    # an explicit clip is kept; the default GRPO keeps the reference run's settings
+    assert load_config(None, ["algorithm.loss=gspo", "algorithm.clip_high=1e-3"]).algorithm.clip_high == 1e-3
+    grpo = load_config().algorithm
+    assert (grpo.loss_agg, grpo.scale_adv_by_std, grpo.clip_low) == ("seq_mean_token_mean", True, 0.2)
+    with pytest.raises(ConfigError, match="algorithm.loss=dr_grpo needs scale_adv_by_std=False"):
+        load_config(None, ["algorithm.loss=dr_grpo", "algorithm.scale_adv_by_std=true"])
+    # a dumped config loads back to the same values
+    again = load_config(
+        None, [f"algorithm.{k}={v}" for k, v in gspo.model_dump(mode="json").items() if v is not None]
+    )
+    assert again.algorithm == gspo

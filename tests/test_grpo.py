@@ -557,3 +557,108 @@ def test_entropy_ignores_masked_tokens():
     got = token_entropy(masked, 0.7)
     assert torch.isfinite(got).all()
     assert torch.allclose(got, expected, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# GSPO and truncated importance sampling, against loops over nested lists
+
+
+def plain_gspo_loss(logp, old, ref, adv, mask, beta, clip_low, clip_high):
+    """GSPO's objective written out: per sequence s = exp(mean_t(logp - old)), term -min(s A, clip(s) A),
+    plus beta times the sequence's token-mean k3 KL; averaged over non-empty sequences."""
+    terms = []
+    for i in range(len(logp)):
+        idx = [j for j in range(len(logp[i])) if mask[i][j]]
+        if not idx:
+            continue
+        s = math.exp(sum(logp[i][j] - old[i][j] for j in idx) / len(idx))
+        a = adv[i]
+        pg = -min(s * a, min(max(s, 1 - clip_low), 1 + clip_high) * a)
+        kl = sum(math.exp(ref[i][j] - logp[i][j]) - (ref[i][j] - logp[i][j]) - 1 for j in idx) / len(idx)
+        terms.append(pg + beta * kl)
+    return sum(terms) / max(len(terms), 1)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (4, 6), (8, 17)])
+def test_gspo_loss_and_gradient_match_the_sequence_level_objective(shape):
+    torch.manual_seed(7 + shape[1])
+    b, t = shape
+    logp, old, ref, adv = random_inputs(b, t, spread=0.02)
+    mask = random_mask(b, t, empty_rows=1 if b > 2 else 0)
+    kwargs = dict(beta=0.04, clip_low=3e-3, clip_high=4e-3)
+    loss, metrics = policy_loss(logp, old, ref, adv, mask, ratio_level="sequence", **kwargs)
+    lists = [x.tolist() for x in (logp, old, ref, adv, mask)]
+    assert loss.item() == pytest.approx(plain_gspo_loss(*lists, **kwargs), rel=1e-9, abs=1e-12)
+    # the gradient, against the same objective written with torch ops per sequence
+    (grad,) = torch.autograd.grad(loss, logp)
+    x = logp.detach().clone().requires_grad_(True)
+    terms = []
+    for i in range(b):
+        m = mask[i].bool()
+        if not m.any():
+            continue
+        s = torch.exp((x[i][m] - old[i][m]).mean())
+        pg = -torch.minimum(s * adv[i], s.clamp(1 - 3e-3, 1 + 4e-3) * adv[i])
+        r = ref[i][m] - x[i][m]
+        terms.append(pg + 0.04 * (torch.exp(r) - r - 1).mean())
+    (expected,) = torch.autograd.grad(torch.stack(terms).mean(), x)
+    assert torch.allclose(grad, expected, rtol=1e-9, atol=1e-12)
+    # clipped sequences get no policy gradient: the clip fraction counts their tokens
+    assert 0.0 <= metrics["clip_frac"] <= 1.0
+
+
+def test_gspo_differs_from_token_level_grpo_when_token_ratios_differ():
+    logp = torch.tensor([[-1.0, -2.0]], dtype=torch.float64)
+    old = torch.tensor([[-1.5, -1.5]], dtype=torch.float64)  # token ratios e^0.5, e^-0.5; sequence ratio 1
+    mask, adv = torch.ones(1, 2), torch.tensor([1.0], dtype=torch.float64)
+    seq, _ = policy_loss(logp, old, None, adv, mask, beta=0.0, ratio_level="sequence")
+    tok, _ = policy_loss(logp, old, None, adv, mask, beta=0.0)
+    assert seq.item() == pytest.approx(-1.0)
+    expected = -(min(math.exp(0.5), 1.2) + math.exp(-0.5)) / 2
+    assert tok.item() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("cap", [0.5, 2.0])
+def test_truncated_importance_weights_multiply_each_tokens_policy_term(cap):
+    torch.manual_seed(3)
+    b, t = 5, 7
+    logp, old, ref, adv = random_inputs(b, t)
+    behaviour = old + 0.5 * torch.randn(b, t, dtype=torch.float64)
+    mask = random_mask(b, t)
+    kwargs = dict(beta=0.04, clip_low=0.2, clip_high=0.28)
+    loss, metrics = policy_loss(logp, old, ref, adv, mask, behaviour_logp=behaviour, tis_cap=cap, **kwargs)
+    # by hand: per token w * pg + beta * kl, w = min(exp(old - behaviour), cap), sequence token means
+    per_seq, weights = [], []
+    for i in range(b):
+        terms = []
+        for j in range(t):
+            if not mask[i, j]:
+                continue
+            ratio = math.exp(logp[i, j].item() - old[i, j].item())
+            a = adv[i].item()
+            pg = -min(ratio * a, min(max(ratio, 0.8), 1.28) * a)
+            raw = math.exp(old[i, j].item() - behaviour[i, j].item())
+            weights.append(raw)
+            r = ref[i, j].item() - logp[i, j].item()
+            terms.append(min(raw, cap) * pg + 0.04 * (math.exp(r) - r - 1))
+        per_seq.append(sum(terms) / len(terms))
+    assert loss.item() == pytest.approx(sum(per_seq) / b, rel=1e-9)
+    assert metrics["is_weight_mean"] == pytest.approx(sum(weights) / len(weights), rel=1e-9)
+    assert metrics["is_weight_max"] == pytest.approx(max(weights), rel=1e-9)
+    assert metrics["is_truncated_frac"] == pytest.approx(sum(w > cap for w in weights) / len(weights))
+
+
+def test_without_a_cap_the_behaviour_policy_is_only_measured():
+    torch.manual_seed(4)
+    logp, old, ref, adv = random_inputs(3, 4)
+    mask = random_mask(3, 4)
+    behaviour = old + 0.3
+    plain, _ = policy_loss(logp, old, ref, adv, mask, beta=0.04)
+    measured, metrics = policy_loss(logp, old, ref, adv, mask, beta=0.04, behaviour_logp=behaviour)
+    assert measured.item() == plain.item()
+    assert metrics["is_weight_mean"] == pytest.approx(math.exp(-0.3))
+    assert metrics["is_truncated_frac"] == 0.0
+    with pytest.raises(ValueError, match="tis_cap needs behaviour_logp"):
+        policy_loss(logp, old, ref, adv, mask, beta=0.04, tis_cap=2.0)
+    with pytest.raises(ValueError, match="ratio_level"):
+        policy_loss(logp, old, ref, adv, mask, beta=0.04, ratio_level="sentence")

@@ -1,11 +1,14 @@
 """The learner group on the CPU: real Ray actors, FSDP2 over gloo, the real tiny Qwen2-VL."""
 
+import dataclasses
+import math
 import random
 
 import pytest
 import ray
 import torch
 
+from visualthinker_ray.batches import TrainItem
 from visualthinker_ray.config import load_config
 from visualthinker_ray.data.sat import load_sat
 from visualthinker_ray.learner.group import LearnerGroup
@@ -33,22 +36,21 @@ def items(tiny_model_dir, synthetic_dir):
     rng = random.Random(0)
     out = []
     for rec in records:
-        rec_dict = rec.to_dict()
         prompt_len = len(encode_prompt(proc, rec, cfg.model.min_pixels, cfg.model.max_pixels).input_ids)
         for _ in range(G):
             out.append(
-                {
-                    "record": rec_dict,
-                    "token_ids": [rng.choice(vocab) for _ in range(rng.randint(3, 10))],
-                    "advantage": 0.0,
-                    "prompt_len": prompt_len,
-                }
+                TrainItem(
+                    record=rec,
+                    token_ids=[rng.choice(vocab) for _ in range(rng.randint(3, 10))],
+                    advantage=0.0,
+                    prompt_len=prompt_len,
+                )
             )
     return out
 
 
 def with_advantages(items, advantages):
-    return [dict(it, advantage=float(a)) for it, a in zip(items, advantages, strict=True)]
+    return [dataclasses.replace(it, advantage=float(a)) for it, a in zip(items, advantages, strict=True)]
 
 
 def make_group(tiny_model_dir, *overrides, total_steps=10):
@@ -217,3 +219,31 @@ def test_rank0_holds_its_rendezvous_port_until_setup():
     _, port = worker.node_address()
     with socket.socket() as s, pytest.raises(OSError):
         s.bind(("", port))
+
+
+def test_stale_items_take_their_ratio_against_the_engine_and_tis_weights_fresh_ones(tiny_model_dir, items):
+    """A stale item's PPO ratio is exp(logp - engine logp). An engine that gave the tokens e^-1 of the
+    learner's probability puts every positive-advantage token past the clip: no gradient, the weights
+    stay. The same items fresh take the ratio against the learner's own weights (1: they move the
+    weights) and get the truncated importance weight min(e^1, tis_cap = 2)."""
+    group = make_group(tiny_model_dir, "algorithm.beta=0.0", "algorithm.tis_cap=2.0")
+    try:
+        own = group.compute_logprobs(items)
+        behind = [[x - 1.0 for x in lp] for lp in own]
+        fresh = [
+            dataclasses.replace(it, advantage=1.0, behaviour_logprobs=b)
+            for it, b in zip(items, behind, strict=True)
+        ]
+        before = group.full_state_dict()
+        stale = group.train_step([dataclasses.replace(it, staleness=1) for it in fresh])
+        assert stale["clip_frac"] == 1.0 and stale["ratio_min"] > 2.7
+        assert stale["is_weight_mean"] == pytest.approx(1.0)  # old = behaviour: nothing left to correct
+        assert not changed(before, group.full_state_dict())
+        m = group.train_step(fresh)
+        assert m["clip_frac"] == 0.0 and m["ratio_mean"] == pytest.approx(1.0)
+        assert m["is_weight_mean"] == pytest.approx(math.e, rel=1e-3) and m["is_truncated_frac"] == 1.0
+        assert changed(before, group.full_state_dict())
+        with pytest.raises(Exception, match="behaviour_logprobs"):
+            group.train_step(items)  # tis_cap without the engine's log-probs
+    finally:
+        group.shutdown()

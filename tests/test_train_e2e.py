@@ -143,18 +143,42 @@ def test_three_steps_log_metrics_checkpoint_and_survive_bad_reward_plugins(
     assert all(v < 1e-3 for _, v in scalars["learner/logprob_mismatch"])
 
 
-def test_resume_continues_at_the_next_step_with_the_same_data_order(tiny_model_dir, synthetic_dir, tmp_path):
+class Interrupted(Exception):
+    pass
+
+
+class StopsAfterTwoSteps(Trainer):
+    """Stops the run when step 3 starts, after step 2's checkpoint: with max_staleness 1 the batch of
+    step 3 is then being generated, and is lost with the process."""
+
+    def train_step(self):
+        if self.step == 2:
+            assert [p.step for p in self._pending] == [2], "step 3's batch should be in flight"
+            raise Interrupted
+        return super().train_step()
+
+
+def test_pipelined_resume_trains_every_batch_once_in_the_same_order(tiny_model_dir, synthetic_dir, tmp_path):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     # The data order does not depend on the engine: the HF engine spares three vLLM start-ups.
-    hf = ("rollout.engine=hf", "eval.at_start=false")
-    run(config(tiny_model_dir, synthetic_dir, straight, "algorithm.max_steps=3", *hf))
-    run(config(tiny_model_dir, synthetic_dir, interrupted, "algorithm.max_steps=2", *hf))
-    run(config(tiny_model_dir, synthetic_dir, interrupted, "algorithm.max_steps=3", *hf), resume=True)
+    args = ("rollout.engine=hf", "eval.at_start=false", "algorithm.max_steps=4", "algorithm.max_staleness=1")
+    run(config(tiny_model_dir, synthetic_dir, straight, *args))
+    trainer = StopsAfterTwoSteps(config(tiny_model_dir, synthetic_dir, interrupted, *args))
+    try:
+        with pytest.raises(Interrupted):
+            trainer.fit()
+    finally:
+        trainer.shutdown()
+    run(config(tiny_model_dir, synthetic_dir, interrupted, *args), resume=True)
     a, b = steps_log(straight), steps_log(interrupted)
-    assert [s["step"] for s in b] == [1, 2, 3]  # continued at step 3, nothing repeated or skipped
+    assert [s["step"] for s in b] == [1, 2, 3, 4]  # continued at step 3, nothing repeated or skipped
     assert [s["prompt_ids"] for s in b] == [s["prompt_ids"] for s in a]
     # TensorBoard holds each step once across the two processes
-    assert [step for step, _ in read_scalars(interrupted)["reward/total"]] == [1, 2, 3]
+    scalars = read_scalars(interrupted)
+    assert [step for step, _ in scalars["reward/total"]] == [1, 2, 3, 4]
+    # one step off, except the first batch and the one regenerated after the resume
+    assert [v for _, v in read_scalars(straight)["offpolicy/staleness_max"]] == [0, 1, 1, 1]
+    assert [v for _, v in scalars["offpolicy/staleness_max"]] == [0, 1, 0, 1]
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -211,3 +235,57 @@ def test_every_sync_puts_the_learners_weights_into_every_vllm_worker(
         assert trainer.rollout.policy_versions() == [3]
     finally:
         trainer.shutdown()
+
+
+def test_one_step_off_with_dynamic_sampling_and_tis_on_multiprocess_vllm(
+    tiny_model_dir, synthetic_dir, tmp_path
+):
+    """max_staleness 1 on a multiprocess vLLM engine: each batch after the first was sampled one policy
+    version back, the learner corrects for it, every batch of the data order is trained once and in
+    order, groups without signal are replaced and counted, and the engine ends on the last version."""
+    from visualthinker_ray.data.order import DataOrder
+
+    cfg = config(
+        tiny_model_dir,
+        synthetic_dir,
+        tmp_path,
+        "learner.num_workers=1",
+        "reward.num_workers=1",
+        "reward.plugins=[{name: parity, function: 'tests.e2e_plugins:length_parity'}]",
+        "algorithm.max_steps=3",
+        "algorithm.max_staleness=1",
+        "algorithm.tis_cap=2.0",
+        "algorithm.dynamic_sampling=true",
+        "checkpoint.every=3",
+        "eval.at_start=false",
+        "eval.at_end=false",
+    )
+    trainer = Trainer(cfg)
+    try:
+        trainer.fit()
+        assert trainer.rollout.policy_versions() == [3]
+    finally:
+        trainer.shutdown()
+    scalars = {k: [v for _, v in series] for k, series in read_scalars(tmp_path).items()}
+    assert scalars["offpolicy/staleness_max"] == [0, 1, 1]
+    assert all(0 < v <= 1 for v in scalars["offpolicy/staleness_mean"][1:])  # refills are fresh
+    # the first step is on-policy: engine and learner agree; later ones are weighted, ratio vs the engine
+    assert scalars["learner/logprob_mismatch"][0] < 1e-3
+    assert all(w > 0 for w in scalars["learner/is_weight_mean"])
+    # every drawn batch trained once, in the data order's order (refills come from their own order)
+    order = DataOrder(len(trainer.records), 3, seed=cfg.data.seed)
+    drawn = [[trainer.records[i].id for i in order.next_batch()[1]] for _ in range(3)]
+    logged = steps_log(tmp_path)
+    assert [s["step"] for s in logged] == [1, 2, 3]
+    for step, ids in zip(logged, drawn, strict=True):
+        kept = [i for i in step["prompt_ids"] if i in ids]
+        assert kept == [i for i in ids if i in kept] and len(step["prompt_ids"]) == 3
+    # dropped groups are counted; the extra rounds drew from the fill order, saved in the checkpoint
+    rounds = sum(scalars["dynamic_sampling/rounds"])
+    assert all(r <= 2 for r in scalars["dynamic_sampling/rounds"])
+    assert [r > 0 for r in scalars["dynamic_sampling/rounds"]] == [
+        d > 0 for d in scalars["dynamic_sampling/dropped_groups"]
+    ]
+    state = checkpoint.load_trainer_state(checkpoint.latest(tmp_path / "checkpoints"))
+    assert state["fill_order"]["position"] == 3 * rounds
+    assert state["data_order"]["position"] == 9  # three batches of three drawn

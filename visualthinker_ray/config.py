@@ -164,6 +164,55 @@ class AlgorithmConfig(_Section):
     adv_eps: float = Field(1e-4, gt=0, description="added to the group std")
     epochs: int = Field(2, ge=1, description="passes over the training prompts (paper: 2)")
     max_steps: int | None = Field(None, ge=1, description="stop after N steps (default: run all epochs)")
+    loss: Literal["grpo", "dr_grpo", "gspo"] = Field(
+        "grpo",
+        description="grpo: loss_agg and scale_adv_by_std as set (the reference run by default); dr_grpo: "
+        "token sums over a constant, no std scaling; gspo: one clipped ratio per sequence (clip_low/high "
+        "default to 3e-4/4e-4)",
+    )
+    max_staleness: int = Field(
+        0,
+        ge=0,
+        description="0: generate, grade, update, sync in turn; k: generation runs up to k policy versions "
+        "ahead of the update (1 = one-step-off). Data is never older than k: generation of a batch waits "
+        "for weights recent enough, so nothing is dropped",
+    )
+    tis_cap: float | None = Field(
+        None,
+        gt=0,
+        description="truncated importance sampling: weight each token by min(learner/engine probability "
+        "ratio, tis_cap) (e.g. 2.0); None: off",
+    )
+    dynamic_sampling: bool = Field(
+        False, description="replace groups whose rewards are all equal by groups of further prompts"
+    )
+    dynamic_sampling_max_rounds: int = Field(
+        2, ge=1, description="extra generation rounds per step at most; then dropped groups fill the batch"
+    )
+
+    @model_validator(mode="after")
+    def _loss_variant(self) -> AlgorithmConfig:
+        """Fill in what `loss` implies; a key set to something else contradicts it."""
+        implied = {
+            "grpo": {},
+            "dr_grpo": {"loss_agg": "seq_mean_token_sum_norm", "scale_adv_by_std": False},
+            "gspo": {"loss_agg": "seq_mean_token_mean"},
+        }[self.loss]
+        defaults = {"gspo": {"clip_low": 3e-4, "clip_high": 4e-4}}.get(self.loss, {})
+        for key, value in implied.items():
+            if key in self.model_fields_set and getattr(self, key) != value:
+                raise ValueError(
+                    f"algorithm.loss={self.loss} needs {key}={value} (got {getattr(self, key)!r})"
+                )
+            object.__setattr__(self, key, value)  # bypasses validate_assignment (no re-validation loop)
+        for key, value in defaults.items():
+            if key not in self.model_fields_set:
+                object.__setattr__(self, key, value)
+        return self
+
+    @property
+    def ratio_level(self) -> str:
+        return "sequence" if self.loss == "gspo" else "token"
 
 
 class ResourcesConfig(_Section):

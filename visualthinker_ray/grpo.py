@@ -18,6 +18,7 @@ from torch import Tensor
 
 __all__ = [
     "AGG_MODES",
+    "RATIO_LEVELS",
     "GroupAdvantages",
     "balance_by_tokens",
     "group_advantages",
@@ -32,6 +33,9 @@ __all__ = [
 
 # seq_mean_token_mean: the reference run (RECIPE.md); token_mean: DAPO; seq_mean_token_sum_norm: Dr.GRPO.
 AGG_MODES = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
+
+# token: PPO's per-token ratio (GRPO, DAPO, Dr.GRPO); sequence: GSPO's per-sequence ratio.
+RATIO_LEVELS = ("token", "sequence")
 
 # Upper bound on the elements of one float32 temporary in token_logprobs / token_entropy (128 MiB).
 # Qwen2-VL's vocabulary (~152K) gives ~220 tokens per chunk.
@@ -298,6 +302,9 @@ def policy_loss(
     agg: str = "seq_mean_token_mean",
     norm_constant: float | None = None,
     global_denominator: float | None = None,
+    ratio_level: str = "token",
+    behaviour_logp: Tensor | None = None,
+    tis_cap: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Clipped GRPO loss with a k3 KL penalty, and its metrics.
 
@@ -308,6 +315,15 @@ def policy_loss(
     ratio = exp(logp - old_logp) (PPO clipping; clip_high > clip_low is DAPO's clip-higher).
     Aggregation (agg): see AGG_MODES; sequences with no valid token add nothing and are not counted.
     global_denominator replaces the local count (see loss_denominator) for gradient accumulation.
+
+    ratio_level="sequence" is GSPO: one ratio per sequence, exp(token mean of logp - old_logp),
+    clipped as a whole; each token of the sequence carries the sequence's term (so agg
+    seq_mean_token_mean averages the sequence terms).
+
+    behaviour_logp (the engine's log-probs of the sampled tokens) with tis_cap: truncated importance
+    sampling, each token's policy term weighted by min(exp(old_logp - behaviour_logp), tis_cap), a
+    constant. It corrects for sampling from a policy that differs from old_logp (bf16 kernels on
+    GPU, or a stale engine when old_logp is the learner's own recomputation).
 
     With old_logp = logp.detach() (one update per rollout) the value and the gradient equal RECIPE.md's
     -[exp(logp - logp.detach()) * A - beta * KL]. Metrics are local to this call (they ignore
@@ -329,6 +345,14 @@ def policy_loss(
         raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
     if global_denominator is not None and not global_denominator > 0:
         raise ValueError(f"global_denominator must be > 0, got {global_denominator}")
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"unknown ratio_level {ratio_level!r}; valid: {', '.join(RATIO_LEVELS)}")
+    if tis_cap is not None and (behaviour_logp is None or not tis_cap > 0):
+        raise ValueError(f"tis_cap needs behaviour_logp and a value > 0, got tis_cap={tis_cap}")
+    if behaviour_logp is not None and behaviour_logp.shape != logp.shape:
+        raise ValueError(
+            f"behaviour_logp shape {tuple(behaviour_logp.shape)} != logp shape {tuple(logp.shape)}"
+        )
 
     valid = mask != 0
     dtype = torch.promote_types(logp.dtype, torch.float32)  # bf16 log-probs are upcast; float64 stays
@@ -338,11 +362,19 @@ def policy_loss(
     # backward exp, would still poison the loss and the gradient).
     logp = torch.where(valid, logp, zero)
     old = torch.where(valid, old_logp.detach().to(dtype), zero)
-    ratio = torch.exp(logp - old)
+    if ratio_level == "sequence":
+        # GSPO: the length-normalised sequence likelihood ratio, broadcast to the sequence's tokens.
+        log_seq_ratio = masked_mean(logp - old, valid, dim=1)
+        ratio = torch.exp(log_seq_ratio)[:, None].expand_as(logp)
+    else:
+        ratio = torch.exp(logp - old)
     adv = advantages.detach().to(dtype)[:, None]
     unclipped = ratio * adv
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
     pg = -torch.minimum(unclipped, clipped)
+    if tis_cap is not None:
+        behaviour = torch.where(valid, behaviour_logp.detach().to(dtype), zero)
+        pg = pg * torch.exp(old - behaviour).clamp(max=tis_cap)
 
     kl = None
     if ref_logp is not None:
@@ -373,6 +405,16 @@ def policy_loss(
             "adv_max": adv_stats[2],
             "adv_min": adv_stats[3],
         }
+        if behaviour_logp is not None:
+            raw = torch.exp(old - torch.where(valid, behaviour_logp.detach().to(dtype), zero))
+            w_max, w_min = _masked_extremes(raw, valid)
+            stats.update(
+                is_weight_mean=torch.where(valid.any(), masked_mean(raw, valid), 1.0),
+                is_weight_max=w_max,
+                is_weight_min=w_min,
+                # tokens whose weight the cap cut (0 without a cap)
+                is_truncated_frac=masked_mean((raw > tis_cap).float(), valid) if tis_cap else zero.sum(),
+            )
         values = torch.stack([v.to(dtype).reshape(()) for v in stats.values()]).tolist()  # one sync
     metrics = dict(zip(stats.keys(), values, strict=True))
     return loss, metrics

@@ -3,9 +3,11 @@
     for each step:  sample prompts -> generate G completions each -> grade -> advantages
                     -> learner update -> weight sync -> log (and checkpoint / evaluate every K)
 
-`train_step` is the whole algorithm on one screen. The phases talk only through plain data, so a
-pipelined mode (generating step t+1 while step t updates) can later reorder `generate` and
-`update` without touching them.
+`train_step` is the whole algorithm on one screen. The phases talk through typed data
+(batches.py). With algorithm.max_staleness = k > 0 the same loop keeps the generation of the next
+k batches running on the rollout workers (a queue of submitted batches) while this step grades and
+updates: one-step-off for k = 1. Each completion carries the policy version that sampled it; the
+learner's loss corrects for the gap (learner/worker.py).
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import json
 import logging
 import os
 import time
+from collections import deque
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from visualthinker_ray import checkpoint
+from visualthinker_ray.batches import RolloutBatch, TrainBatch, TrainItem
 from visualthinker_ray.config import Config, dump_config
 from visualthinker_ray.data.order import DataOrder
 from visualthinker_ray.data.records import PromptRecord
@@ -75,6 +80,16 @@ def check_groups(completions: list[Completion], records: list[PromptRecord], gro
         )
 
 
+@dataclass
+class Submitted:
+    """A batch whose generation has started (the pool's call references, one per rollout worker)."""
+
+    step: int
+    epoch: int
+    records: list[PromptRecord]
+    refs: dict
+
+
 class Trainer:
     def __init__(self, cfg: Config, resume: bool = False):
         from visualthinker_ray.data.sat import load_train_records
@@ -94,6 +109,8 @@ class Trainer:
         data = load_train_records(cfg)
         self.records = data.records
         self.order = DataOrder(len(self.records), alg.prompts_per_step, seed=cfg.data.seed)
+        # dynamic sampling's extra prompts: their own order, so the main one is the same with or without
+        self.fill_order = DataOrder(len(self.records), alg.prompts_per_step, seed=cfg.data.seed + 1)
         per_epoch = self.order.batches_per_epoch
         self.total_steps = min(alg.max_steps or per_epoch * alg.epochs, per_epoch * alg.epochs)
         optimizer_steps = self.total_steps * cfg.learner.mini_batches * cfg.learner.update_epochs
@@ -111,8 +128,14 @@ class Trainer:
             state = checkpoint.load_trainer_state(resume_from)
             self.learner.load_checkpoint(str(resume_from))
             self.order.load_state_dict(state["data_order"])
+            if "fill_order" in state:
+                self.fill_order.load_state_dict(state["fill_order"])
             self.step = state["step"]
             log.info("resumed from %s at step %d", resume_from, self.step)
+        # The generation pipeline: batches submitted and not yet trained on, oldest first.
+        self._pending: deque[Submitted] = deque()
+        self._next_submit = self.step
+        self._order_after: dict[int, dict] = {}
         self.rollout = RolloutPool.from_config(cfg)
         self.rewards = RewardPool(cfg)
         # Resumed or not, the rollout workers start from model.path: give them the learner's weights.
@@ -124,53 +147,31 @@ class Trainer:
 
     # -- one RL step ----------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
+        """Generate (or take the batch generated ahead), grade, advantages, update, sync.
+
+        With algorithm.max_staleness k > 0 the generation of steps up to k ahead runs on the rollout
+        workers while this step grades and updates; the phases are the same, only the wait for a
+        batch gets shorter. k = 0 is the strictly synchronous loop.
+        """
         cfg, alg = self.cfg, self.cfg.algorithm
         timer = PhaseTimer()
-        epoch, indices = self.order.next_batch()
-        records = [self.records[i] for i in indices]
-
-        with timer("generate"):
-            sampling = SamplingSpec(
-                n=alg.group_size,
-                temperature=cfg.rollout.temperature,
-                top_p=cfg.rollout.top_p,
-                max_new_tokens=cfg.rollout.max_new_tokens,
-                stop=tuple(cfg.rollout.stop),
-                # the step's base seed; each prompt draws from its own stream (engine.prompt_seed)
-                seed=cfg.data.seed * 1_000_003 + self.step,
-            )
-            completions, gen_stats = self.rollout.generate(records, sampling)
-            check_groups(completions, records, alg.group_size)
-
+        t0 = time.perf_counter()
+        self._submit_ahead()  # generation of this step's batch and up to k after it
+        with timer("generate"):  # the wait for this step's batch (all of generation when k = 0)
+            batch = self._collect(self._pending.popleft())
         with timer("grade"):
-            by_id = {r.id: r for r in records}
-            graded = self.rewards.grade(
-                [
-                    {
-                        "completion": c.text,
-                        "gold": by_id[c.prompt_id].gold,
-                        "choices": list(by_id[c.prompt_id].choices),
-                    }
-                    for c in completions
-                ]
-            )
-            scores = graded.results
+            scores, graded = self._grade(batch.records, batch.completions)
+        dynamic = {}
+        if alg.dynamic_sampling:
+            with timer("refill"):
+                batch, scores, dynamic = self._refill(batch, scores)
 
         rewards = torch.tensor([s["total"] for s in scores], dtype=torch.float32)
         adv = group_advantages(rewards, alg.group_size, alg.scale_adv_by_std, alg.adv_eps)
+        train = self._train_batch(batch, adv.advantages.tolist())
 
         with timer("update"):
-            items = [
-                {
-                    "record": by_id[c.prompt_id].to_dict(),
-                    "token_ids": c.token_ids,
-                    "logprobs": c.logprobs,
-                    "advantage": float(a),
-                    "prompt_len": len(c.prompt_token_ids),
-                }
-                for c, a in zip(completions, adv.advantages.tolist(), strict=True)
-            ]
-            learner = self.learner.train_step(items)
+            learner = self.learner.train_step(train)
             tail = learner.get("logprob_mismatch_p99", 0.0)
             if tail > cfg.logging.logprob_mismatch_warn:
                 log.warning(
@@ -181,9 +182,13 @@ class Trainer:
                 )  # fmt: skip
 
         with timer("sync"):
+            # Weights change between requests: the generations in flight finish on the old ones.
+            self.rollout.wait_done([p.refs for p in self._pending])
             self.rollout.sync(self.learner, version=self.step + 1)
 
+        completions = batch.completions
         tokens = sum(len(c.token_ids) for c in completions)
+        by_id = {r.id: r for r in batch.records}
         metrics = rollout_metrics(
             [by_id[c.prompt_id].question_type for c in completions],
             [len(c.token_ids) for c in completions],
@@ -193,24 +198,138 @@ class Trainer:
         )
         metrics.update({f"learner/{k}": v for k, v in learner.items()})
         metrics.update({f"time/{k}_s": v for k, v in timer.seconds.items()})
+        metrics.update({f"dynamic_sampling/{k}": v for k, v in dynamic.items()})
+        staleness = train.staleness
         metrics.update(
             {
-                "time/step_s": sum(timer.seconds.values()),
-                "throughput/generate_tokens_per_s": tokens / max(timer.seconds["generate"], 1e-9),
+                "time/step_s": time.perf_counter() - t0,
+                "time/generate_busy_s": batch.generate_s,
+                "throughput/generate_tokens_per_s": tokens / max(batch.generate_s, 1e-9),
                 "throughput/update_tokens_per_s": learner.get("tokens", 0)
                 / max(timer.seconds["update"], 1e-9),
                 "advantage/zero_std_group_frac": adv.num_zero_std_groups / max(1, adv.num_groups),
+                "offpolicy/staleness_mean": sum(staleness) / len(staleness),
+                "offpolicy/staleness_max": max(staleness),
                 "reward_pool/timeouts": graded.timeouts,
                 "reward_pool/errors": graded.errors,
-                "data/epoch": epoch,
+                "data/epoch": batch.epoch,
             }
         )
-        self._step_record = {"step": self.step + 1, "epoch": epoch, "prompt_ids": [r.id for r in records]}
+        self._step_record = {
+            "step": self.step + 1,
+            "epoch": batch.epoch,
+            "prompt_ids": [r.id for r in batch.records],
+        }
         self._samples = [
             {"prompt_id": c.prompt_id, "gold": by_id[c.prompt_id].gold, "text": c.text, "total": s["total"]}
             for c, s in list(zip(completions, scores, strict=True))[:: alg.group_size][:4]
         ]
         return metrics
+
+    # -- the phases -----------------------------------------------------------------------------------
+    def _sampling(self, step: int, round_: int = 0) -> SamplingSpec:
+        cfg = self.cfg
+        return SamplingSpec(
+            n=cfg.algorithm.group_size,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            stop=tuple(cfg.rollout.stop),
+            # the step's base seed; each prompt draws from its own stream (engine.prompt_seed);
+            # dynamic sampling's extra rounds get their own
+            seed=cfg.data.seed * 1_000_003 + step + round_ * 1_000_000_007,
+        )
+
+    def _submit_ahead(self) -> None:
+        """Start generating every batch up to step + max_staleness not yet started, on the weights the
+        engines hold now (version self.step): a batch is never more than max_staleness versions old
+        when trained, and generation never waits for the learner within that bound."""
+        last = min(self.step + self.cfg.algorithm.max_staleness, self.total_steps - 1)
+        while self._next_submit <= last:
+            step = self._next_submit
+            epoch, indices = self.order.next_batch()
+            self._order_after[step] = self.order.state_dict()  # what a checkpoint after `step` resumes from
+            records = [self.records[i] for i in indices]
+            refs = self.rollout.submit(records, self._sampling(step))
+            self._pending.append(Submitted(step, epoch, records, refs))
+            self._next_submit += 1
+
+    def _collect(self, sub: Submitted) -> RolloutBatch:
+        if sub.step != self.step:
+            raise RuntimeError(f"pipeline out of order: step {self.step} got the batch of step {sub.step}")
+        completions, stats = self.rollout.collect(sub.refs)
+        check_groups(completions, sub.records, self.cfg.algorithm.group_size)
+        busy = max((s.get("seconds", 0.0) for s in stats), default=0.0)
+        return RolloutBatch(sub.step, sub.epoch, sub.records, completions, busy, stats)
+
+    def _grade(self, records: list[PromptRecord], completions: list[Completion]):
+        by_id = {r.id: r for r in records}
+        graded = self.rewards.grade(
+            [
+                {
+                    "completion": c.text,
+                    "gold": by_id[c.prompt_id].gold,
+                    "choices": list(by_id[c.prompt_id].choices),
+                }
+                for c in completions
+            ]
+        )
+        return graded.results, graded
+
+    def _refill(self, batch: RolloutBatch, scores: list[dict]) -> tuple[RolloutBatch, list[dict], dict]:
+        """Dynamic sampling: a group whose rewards are all equal has zero advantage (no signal).
+        Replace such groups by groups of further prompts, drawn from their own seeded order (so the
+        main data order stays exact and resumable), in at most dynamic_sampling_max_rounds extra
+        rounds; if still short, dropped groups fill the batch (they then add only the KL term)."""
+        alg = self.cfg.algorithm
+        g, want = alg.group_size, len(batch.records)
+        kept, dropped = [], []
+
+        def sort(records, completions, scores_):
+            for k, rec in enumerate(records):
+                group = (rec, completions[k * g : (k + 1) * g], scores_[k * g : (k + 1) * g])
+                totals = [s["total"] for s in group[2]]
+                (kept if len(set(totals)) > 1 else dropped).append(group)
+
+        sort(batch.records, batch.completions, scores)
+        first_dropped, rounds, busy = len(dropped), 0, batch.generate_s
+        while len(kept) < want and rounds < alg.dynamic_sampling_max_rounds:
+            rounds += 1
+            _, indices = self.fill_order.next_batch()
+            records = [self.records[i] for i in indices]
+            completions, stats = self.rollout.generate(records, self._sampling(batch.step, rounds))
+            check_groups(completions, records, g)
+            busy += max((s.get("seconds", 0.0) for s in stats), default=0.0)
+            sort(records, completions, self._grade(records, completions)[0])
+        short = max(0, want - len(kept))
+        chosen = kept[:want] + dropped[:short]
+        refilled = RolloutBatch(
+            batch.step,
+            batch.epoch,
+            [rec for rec, _, _ in chosen],
+            [c for _, cs, _ in chosen for c in cs],
+            busy,
+            batch.stats,
+        )
+        stats = {"dropped_groups": first_dropped, "rounds": rounds, "short_groups": short}
+        return refilled, [s for _, _, ss in chosen for s in ss], stats
+
+    def _train_batch(self, batch: RolloutBatch, advantages: list[float]) -> TrainBatch:
+        by_id = {r.id: r for r in batch.records}
+        return TrainBatch(
+            [
+                TrainItem(
+                    record=by_id[c.prompt_id],
+                    token_ids=c.token_ids,
+                    advantage=float(a),
+                    prompt_len=len(c.prompt_token_ids),
+                    behaviour_logprobs=c.logprobs,
+                    staleness=self.step - c.policy_version,
+                )
+                for c, a in zip(batch.completions, advantages, strict=True)
+            ],
+            step=batch.step,
+        )
 
     # -- the loop -------------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
@@ -223,6 +342,7 @@ class Trainer:
                 evaluated_at = 0
             while self.step < self.total_steps:
                 metrics = self.train_step()
+                self._order_after.pop(self.step - 1, None)  # only the latest is checkpointed
                 self.step += 1
                 self.tracker.log_scalars(self.step, metrics)
                 with open(self.log_dir / "steps.jsonl", "a") as f:  # the data order, for audits and resume
@@ -249,7 +369,10 @@ class Trainer:
             tmp,
             {
                 "step": self.step,
-                "data_order": self.order.state_dict(),
+                # the order as it was after drawing the last trained batch: batches generated ahead
+                # (max_staleness > 0) are drawn again and regenerated on resume
+                "data_order": self._order_after.get(self.step - 1) or self.order.state_dict(),
+                "fill_order": self.fill_order.state_dict(),
                 "policy_version": self.step,
                 "config": self.cfg.model_dump(mode="json"),
             },

@@ -1,8 +1,7 @@
 """LearnerGroup: places the learner ranks, splits each batch across them, reduces their metrics.
 
-A batch item is a plain dict: {"record": PromptRecord dict, "token_ids": completion ids,
-"advantage": float, "prompt_len": int}. The same record dict object may appear in the G items of
-its prompt: pickling stores it (and its image bytes) once per call.
+A batch item is a batches.TrainItem. The same PromptRecord object appears in the G items of its
+prompt: pickling stores it (and its image bytes) once per call.
 """
 
 from __future__ import annotations
@@ -11,6 +10,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from visualthinker_ray.batches import TrainBatch, TrainItem
 from visualthinker_ray.config import Config
 from visualthinker_ray.grpo import balance_by_tokens, split_micro_batches
 from visualthinker_ray.ray_calls import wait_all
@@ -150,17 +150,18 @@ class LearnerGroup:
             time.time() - t0,
         )
 
-    def _plan(self, items: list[dict], num_mini_batches: int):
+    def _plan(self, items: list[TrainItem], num_mini_batches: int):
         return plan_batch(
-            [it["prompt_len"] for it in items],
-            [len(it["token_ids"]) for it in items],
+            [it.prompt_len for it in items],
+            [len(it.token_ids) for it in items],
             len(self.workers),
             num_mini_batches,
             self.cfg.learner.micro_batch_tokens,
             self.cfg.algorithm.loss_agg,
         )
 
-    def train_step(self, items: list[dict]) -> dict:
+    def train_step(self, batch: TrainBatch | list[TrainItem]) -> dict:
+        items = batch.items if isinstance(batch, TrainBatch) else batch
         plans, denominators = self._plan(items, self.cfg.learner.mini_batches)
         refs = [
             w.train_step.remote([items[i] for i in p.items], p.mini_batches, denominators)
@@ -168,7 +169,7 @@ class LearnerGroup:
         ]
         return reduce_metrics(_wait_all(refs, self.timeout_s, "learner train step"))
 
-    def compute_logprobs(self, items: list[dict], use_reference: bool = False) -> list[list[float]]:
+    def compute_logprobs(self, items: list[TrainItem], use_reference: bool = False) -> list[list[float]]:
         """Per-item completion log-probs, in the items' order."""
         plans, _ = self._plan(items, 1)
         refs = [

@@ -16,8 +16,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from visualthinker_ray.batches import TrainItem
 from visualthinker_ray.config import Config
-from visualthinker_ray.data.records import PromptRecord
 from visualthinker_ray.grpo import masked_mean, mismatch_stats, policy_loss
 from visualthinker_ray.learner.schedule import lr_factor
 from visualthinker_ray.models import banned_token_ids, load_model, load_processor, resolve_dtype
@@ -135,28 +135,28 @@ class LearnerWorker:
         return model
 
     # -- one rank's share of a batch ---------------------------------------------------------------
-    def _encode(self, items: list[dict]) -> list:
+    def _encode(self, items: list[TrainItem]) -> list:
         """Prompts re-processed from the image bytes, once per distinct prompt."""
         cache: dict[str, object] = {}
         out = []
         for it in items:
-            rec = it["record"]
-            if rec["id"] not in cache:
-                cache[rec["id"]] = encode_prompt(
+            rec = it.record
+            if rec.id not in cache:
+                cache[rec.id] = encode_prompt(
                     self.processor,
-                    PromptRecord.from_dict(rec),
+                    rec,
                     self.cfg.model.min_pixels,
                     self.cfg.model.max_pixels,
                     self.cfg.model.prompt_style,
                 )
-            out.append(cache[rec["id"]])
+            out.append(cache[rec.id])
         return out
 
-    def _batch(self, items: list[dict], encoded: list, idx: list[int]) -> dict[str, torch.Tensor]:
+    def _batch(self, items: list[TrainItem], encoded: list, idx: list[int]) -> dict[str, torch.Tensor]:
         tok = self.processor.tokenizer
         batch = build_batch(
             [encoded[i] for i in idx],
-            [items[i]["token_ids"] for i in idx],
+            [items[i].token_ids for i in idx],
             pad_token_id=tok.pad_token_id,
             image_token_id=self.model.config.image_token_id,
             video_token_id=self.model.config.video_token_id,
@@ -170,7 +170,7 @@ class LearnerWorker:
 
     @torch.no_grad()
     def compute_logprobs(
-        self, items: list[dict], micro_batches: list[list[int]], use_reference: bool = False
+        self, items: list[TrainItem], micro_batches: list[list[int]], use_reference: bool = False
     ):
         """Per-sequence completion log-probs (lists of floats) under the policy or the reference."""
         model = self.ref_model if use_reference else self.model
@@ -187,7 +187,7 @@ class LearnerWorker:
         return out
 
     def train_step(
-        self, items: list[dict], mini_batches: list[list[list[int]]], denominators: list[float]
+        self, items: list[TrainItem], mini_batches: list[list[list[int]]], denominators: list[float]
     ) -> dict:
         """One or more optimizer steps over this rank's items.
 
@@ -195,11 +195,21 @@ class LearnerWorker:
         m; index -1 marks a padding micro-batch that runs with zero weight so that every rank makes
         the same number of forward/backward passes. denominators[m] is the loss denominator of the
         whole mini-batch across all ranks (grpo.loss_denominator).
+
+        The PPO ratio of a fresh item (staleness 0) is taken against the learner's weights before
+        this update; that of a stale item against the engine's log-probs, the policy that sampled it
+        (the clip then bounds the whole step from it). With algorithm.tis_cap, every token is also
+        weighted by min(old / engine probability, cap).
         """
         cfg, alg = self.cfg, self.cfg.algorithm
         t0 = time.time()
         encoded = self._encode(items)
         on_policy = len(mini_batches) == 1 and cfg.learner.update_epochs == 1
+        use_behaviour = alg.tis_cap is not None or any(it.staleness > 0 for it in items)
+        if use_behaviour and any(it.behaviour_logprobs is None for it in items):
+            raise ValueError(
+                "algorithm.tis_cap and stale items need the engine's log-probs (TrainItem.behaviour_logprobs)"
+            )
         # Old log-probs come from the weights before the first update (unneeded when on-policy:
         # then the ratio is exp(logp - logp.detach())); reference log-probs never change.
         all_mbs = [mb for mini in mini_batches for mb in mini]
@@ -219,10 +229,20 @@ class LearnerWorker:
                     )  # padding: any real sequence, zero weight
                     mask = batch["completion_mask"] if real else torch.zeros_like(batch["completion_mask"])
                     logp, entropy = self._logprobs(self.model, batch, with_entropy=True)
-                    adv = torch.tensor([items[i]["advantage"] for i in real] or [0.0], device=self.device)
+                    adv = torch.tensor([items[i].advantage for i in real] or [0.0], device=self.device)
+                    old_logp = self._aligned(old, real, mask, logp) if old is not None else logp.detach()
+                    behaviour = None
+                    if use_behaviour:
+                        behaviour = self._aligned(
+                            [items[i].behaviour_logprobs for i in real], range(len(real)), mask, logp
+                        )
+                        stale = torch.tensor(
+                            [items[i].staleness > 0 for i in real] or [False], device=self.device
+                        )
+                        old_logp = torch.where(stale[:, None], behaviour, old_logp)
                     loss, metrics = policy_loss(
                         logp,
-                        self._aligned(old, real, mask, logp) if old is not None else logp.detach(),
+                        old_logp,
                         self._aligned(ref, real, mask, logp) if ref is not None else None,
                         adv,
                         mask,
@@ -232,6 +252,9 @@ class LearnerWorker:
                         agg=alg.loss_agg,
                         norm_constant=cfg.rollout.max_new_tokens,
                         global_denominator=denom,
+                        ratio_level=alg.ratio_level,
+                        behaviour_logp=behaviour,
+                        tis_cap=alg.tis_cap,
                     )
                     # FSDP averages gradients over ranks; scale up so the sum over ranks and
                     # micro-batches is the gradient of the whole mini-batch's loss.
@@ -239,11 +262,20 @@ class LearnerWorker:
                     if real:
                         w = float(len(real))
                         metrics["entropy"] = masked_mean(entropy, mask.bool()).item()
-                        if on_policy and _epoch == 0 and "logprobs" in items[real[0]]:
+                        # engine vs learner on the same weights: fresh items only (a stale one
+                        # differs by the updates since it was sampled)
+                        fresh = [r for r, i in enumerate(real) if items[i].staleness == 0]
+                        if (
+                            on_policy
+                            and _epoch == 0
+                            and fresh
+                            and items[real[0]].behaviour_logprobs is not None
+                        ):
                             engine = self._aligned(
-                                [items[i]["logprobs"] for i in real], range(len(real)), mask, logp
+                                [items[i].behaviour_logprobs for i in real], range(len(real)), mask, logp
                             )
-                            mismatch.append((logp.detach() - engine).abs()[mask.bool()].float().cpu())
+                            diff = (logp.detach() - engine).abs()[fresh]
+                            mismatch.append(diff[mask[fresh].bool()].float().cpu())
                         for k, v in metrics.items():
                             sums[k] = sums.get(k, 0.0) + w * v
                         weight_total += w
@@ -256,11 +288,12 @@ class LearnerWorker:
                 self.scheduler.step()
                 self.optimizer_steps += 1
         out = {k: v / weight_total for k, v in sums.items()} if weight_total else {}
-        if old is not None and "logprobs" in items[0]:
+        if old is not None:
             # Engine vs learner on the same weights (before the first update): the sampling mismatch.
             mismatch = [
-                (torch.tensor(it["logprobs"]) - torch.tensor(lp)).abs()
+                (torch.tensor(it.behaviour_logprobs) - torch.tensor(lp)).abs()
                 for it, lp in zip(items, old, strict=True)
+                if it.staleness == 0 and it.behaviour_logprobs is not None
             ]
         if mismatch:
             out.update({f"logprob_mismatch{k}": v for k, v in mismatch_stats(torch.cat(mismatch)).items()})

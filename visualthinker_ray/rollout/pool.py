@@ -108,14 +108,31 @@ class RolloutPool:
     ) -> tuple[list[Completion], list[dict]]:
         """Completions for every record in record order (a prompt's G samples stay on one worker),
         and per-worker throughput stats."""
+        return self.collect(self.submit(records, sampling), timeout_s)
+
+    def submit(self, records: list[PromptRecord], sampling: SamplingSpec) -> dict:
+        """Start generating without waiting (collect() waits). Each worker runs its calls in the order
+        they arrive, so a weight sync sent later is loaded after this generation: the weights change
+        between requests, never during one."""
         chunks = split_evenly(records, len(self.workers))
         spec = sampling_to_dict(sampling)
-        refs = {
+        return {
             f"worker {i} ({self.kinds[i]})": w.generate.remote([r.to_dict() for r in chunk], spec)
             for i, (w, chunk) in enumerate(zip(self.workers, chunks, strict=True))
             if chunk
         }
-        results = wait_all(refs, timeout_s or self.generate_timeout_s, "generation", RolloutError)
+
+    def wait_done(self, pending: list[dict], timeout_s: float | None = None) -> None:
+        """Wait until the submitted generations have finished (their results stay in the object store)."""
+        refs = [ref for p in pending for ref in p.values()]
+        if refs:
+            ray.wait(
+                refs, num_returns=len(refs), timeout=timeout_s or self.generate_timeout_s, fetch_local=False
+            )
+
+    def collect(self, pending: dict, timeout_s: float | None = None) -> tuple[list[Completion], list[dict]]:
+        """The completions of one submit(), in record order, and per-worker throughput stats."""
+        results = wait_all(pending, timeout_s or self.generate_timeout_s, "generation", RolloutError)
         completions, stats = [], []
         for label, out in results.items():
             completions += [Completion(**c) for c in out["completions"]]

@@ -1,0 +1,216 @@
+"""Seconds per RL step: the synchronous loop against the pipelined one (algorithm.max_staleness 0, 1,
+2), with each phase's time and the CPU-seconds the whole machine spent in it.
+
+Run: .venv/bin/python bench/bench_step.py [--steps 8] [--warmup 2] [--work identical default]
+     [--default-model artifacts/warm-model]
+Prints a table and writes bench/results/step.json. Every row runs in one invocation (compare ratios).
+
+Works:
+- identical: the peer comparison's work (a 0.64M-parameter tiny Qwen2-VL, 64 two-option spatial
+  questions on 112x112 images, 8 prompts x 8 completions, 64 new tokens, temperature 1, beta 0.04,
+  lr 1e-5, fp32), real Ray, vLLM in multiprocess mode, an FSDP2 learner over gloo.
+- default: the embedded default job (jobs/tiny_cpu.yaml) on --default-model (the grounded warm-up
+  when it is built; otherwise the tiny model, whose completions run to the token limit).
+
+The core split on 2 cores: vLLM's CPU worker binds its OpenMP threads to core 0 (vLLM keeps the
+other core for its engine-core process); the synchronous loop gives the learner 2 torch threads (it
+runs while generation is idle); the pipelined one gives it 1 (2 would fight vLLM's bound thread
+while both run). `bound_s` is the machine's CPU-seconds per synchronous step over 2 cores: no
+schedule of the same work can beat it on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import ray
+
+from visualthinker_ray import trainer as trainer_module
+from visualthinker_ray.config import load_config
+from visualthinker_ray.data.synthetic import make_synthetic
+from visualthinker_ray.models import make_tiny_model
+
+PHASES = ("generate", "grade", "update", "sync")
+
+
+def machine_cpu_s() -> float:
+    """CPU-seconds the whole machine has spent busy (every process: driver, actors, vLLM)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    ticks = [int(x) for x in fields]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return (sum(ticks[:8]) - idle) / 100.0  # USER_HZ
+
+
+class CpuPhaseTimer(trainer_module.PhaseTimer):
+    """The trainer's phase timer, also adding up the machine's CPU-seconds per phase."""
+
+    def __init__(self):
+        super().__init__()
+        self.cpu: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        c0 = machine_cpu_s()
+        with super().__call__(phase):
+            yield
+        self.cpu[phase] = self.cpu.get(phase, 0.0) + machine_cpu_s() - c0
+
+
+def run_mode(cfg, steps: int, warmup: int) -> dict:
+    timers: list[CpuPhaseTimer] = []
+
+    def make_timer():
+        timers.append(CpuPhaseTimer())
+        return timers[-1]
+
+    trainer_module.PhaseTimer = make_timer  # the bench's timer inside the unchanged train_step
+    trainer = trainer_module.Trainer(cfg)
+    rows = []
+    try:
+        for _ in range(warmup + steps):
+            c0, t0 = machine_cpu_s(), time.perf_counter()
+            metrics = trainer.train_step()
+            trainer.step += 1
+            metrics["cpu_step"] = machine_cpu_s() - c0
+            metrics["wall_step"] = time.perf_counter() - t0
+            rows.append(metrics)
+    finally:
+        trainer.shutdown()
+        trainer_module.PhaseTimer = CpuPhaseTimer.__mro__[1]
+    timed, cpu = rows[warmup:], timers[warmup:]
+
+    def med(values):
+        return statistics.median(values)
+
+    out = {
+        "step_s": med([r["wall_step"] for r in timed]),
+        "wait_generate_s": med([r["time/generate_s"] for r in timed]),
+        "generate_busy_s": med([r["time/generate_busy_s"] for r in timed]),
+        "grade_s": med([r["time/grade_s"] for r in timed]),
+        "update_s": med([r["time/update_s"] for r in timed]),
+        "sync_s": med([r["time/sync_s"] for r in timed]),
+        "cpu_s_per_step": med([r["cpu_step"] for r in timed]),
+        "cpu_s_by_phase": {p: med([t.cpu.get(p, 0.0) for t in cpu]) for p in PHASES},
+        "staleness_mean": statistics.mean(r["offpolicy/staleness_mean"] for r in timed),
+        "completion_tokens_mean": med([r["response_length/mean"] for r in timed]),
+        "reward_mean": statistics.mean(r["reward/total"] for r in timed),
+    }
+    return out
+
+
+def work_config(work: str, root: Path, default_model: str | None, k: int, log_dir: Path):
+    threads = 2 if k == 0 else 1
+    common = [
+        f"logging.dir={log_dir}",
+        f"algorithm.max_staleness={k}",
+        f"learner.cpu_threads={threads}",
+        "eval.at_start=false",
+        "eval.at_end=false",
+        "checkpoint.every=100000",
+        "algorithm.max_steps=1000",  # the schedule's length only; the bench runs --warmup + --steps
+    ]
+    if work == "identical":
+        return load_config(
+            None,
+            [
+                f"model.path={root / 'tiny-model'}",
+                f"data.train={root / 'data' / 'SAT'}",
+                f"data.eval={root / 'data' / 'CV-Bench'}",
+                "algorithm.prompts_per_step=8",
+                "algorithm.group_size=8",
+                "algorithm.beta=0.04",
+                "rollout.max_new_tokens=64",
+                "rollout.temperature=1.0",
+                "learner.lr=1e-5",
+                "model.dtype=float32",
+                *common,
+            ],
+        )
+    model = default_model if default_model and Path(default_model).exists() else str(root / "tiny-model")
+    return load_config("jobs/tiny_cpu.yaml", [f"model.path={model}", *common])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per mode")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (engine and caches warm up)")
+    ap.add_argument("--staleness", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--work", nargs="+", default=["identical", "default"], choices=["identical", "default"])
+    ap.add_argument("--default-model", default="artifacts/warm-model")
+    ap.add_argument("--out", default="bench/results/step.json")
+    args = ap.parse_args()
+
+    ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        make_tiny_model(root / "tiny-model", seed=0)
+        make_synthetic(
+            root / "data", n_train=64, n_test=16, seed=0, question_types=("depth",), same_shape_sizes=True
+        )
+        if "default" in args.work and not Path(args.default_model).exists():
+            # the default's data, on the tiny model (see the module docstring)
+            make_synthetic(root / "default-data", n_train=512, n_test=16, seed=0, question_types=("depth",))
+        for work in args.work:
+            for k in args.staleness:
+                cfg = work_config(work, root, args.default_model, k, root / f"log-{work}-{k}")
+                if work == "default" and not Path(args.default_model).exists():
+                    cfg.data.train = str(root / "default-data" / "SAT")
+                    cfg.data.eval = str(root / "default-data" / "CV-Bench")
+                print(f"[bench_step] {work}, max_staleness={k} ...", file=sys.stderr, flush=True)
+                rows.append(
+                    {
+                        "work": work,
+                        "max_staleness": k,
+                        "model": cfg.model.path.split("/")[-1],
+                        "learner_threads": cfg.learner.cpu_threads,
+                        **run_mode(cfg, args.steps, args.warmup),
+                    }
+                )
+    ray.shutdown()
+
+    by_work = {}
+    for r in rows:
+        by_work.setdefault(r["work"], {})[r["max_staleness"]] = r
+    for modes in by_work.values():
+        sync = modes.get(0)
+        for r in modes.values():
+            if sync:
+                r["vs_sync"] = r["step_s"] / sync["step_s"]
+                r["bound_s"] = sync["cpu_s_per_step"] / 2  # 2 cores
+                r["vs_max_gen_update"] = r["step_s"] / max(sync["generate_busy_s"], sync["update_s"])
+    header = (
+        f"{'work':<10}{'k':>3}{'step s':>8}{'x sync':>8}{'wait gen':>9}{'gen busy':>9}{'update':>8}{'sync':>7}"
+        f"{'grade':>7}{'cpu s':>7}{'bound':>7}{'x max(g,u)':>11}{'stale':>6}{'tokens':>7}"
+    )
+    print(header)
+    for r in rows:
+        print(
+            f"{r['work']:<10}{r['max_staleness']:>3}{r['step_s']:>8.2f}{r.get('vs_sync', float('nan')):>8.2f}"
+            f"{r['wait_generate_s']:>9.2f}{r['generate_busy_s']:>9.2f}{r['update_s']:>8.2f}{r['sync_s']:>7.2f}"
+            f"{r['grade_s']:>7.3f}{r['cpu_s_per_step']:>7.2f}{r.get('bound_s', float('nan')):>7.2f}"
+            f"{r.get('vs_max_gen_update', float('nan')):>11.2f}{r['staleness_mean']:>6.2f}"
+            f"{r['completion_tokens_mean']:>7.1f}"
+        )
+    result = {
+        "command": " ".join(["python", *sys.argv]),
+        "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "rows": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
