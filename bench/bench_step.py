@@ -15,8 +15,10 @@ Works:
 The core split on 2 cores: vLLM's CPU worker binds its OpenMP threads to core 0 (vLLM keeps the
 other core for its engine-core process); the synchronous loop gives the learner 2 torch threads (it
 runs while generation is idle); the pipelined one gives it 1 (2 would fight vLLM's bound thread
-while both run). `bound_s` is the machine's CPU-seconds per synchronous step over 2 cores: no
-schedule of the same work can beat it on this machine.
+while both run). `bound_s` is the synchronous step's work in CPU-seconds (the engine's processes while
+generating, the learner's while updating, the machine's while grading and syncing) over 2 cores:
+what a perfect overlap of the same work could reach here. `cpu s` is the whole machine's
+CPU-seconds per step, `eng`/`lrn` the engine's and learner's processes'.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import ray
 
 from visualthinker_ray import trainer as trainer_module
@@ -49,22 +52,59 @@ def machine_cpu_s() -> float:
     return (sum(ticks[:8]) - idle) / 100.0  # USER_HZ
 
 
+def role_of(proc: psutil.Process) -> str | None:
+    """engine: the rollout actor and vLLM's processes; learner: the learner ranks."""
+    try:
+        title = " ".join(proc.cmdline()) or proc.name()
+    except psutil.Error:
+        return None
+    if "RolloutWorker" in title or "VLLM" in title or "EngineCore" in title:
+        return "engine"
+    if "LearnerWorker" in title:
+        return "learner"
+    return None
+
+
+class RoleClock:
+    """CPU-seconds so far of the engine's and the learner's processes, and of the whole machine."""
+
+    def __init__(self):
+        self.procs = [(p, r) for p in psutil.process_iter() if (r := role_of(p))]
+
+    def read(self) -> dict[str, float]:
+        out = {"engine": 0.0, "learner": 0.0, "machine": machine_cpu_s()}
+        for proc, role in self.procs:
+            try:
+                t = proc.cpu_times()
+                out[role] += t.user + t.system
+            except psutil.Error:
+                pass
+        return out
+
+
 class CpuPhaseTimer(trainer_module.PhaseTimer):
-    """The trainer's phase timer, also adding up the machine's CPU-seconds per phase."""
+    """The trainer's phase timer, also adding up CPU-seconds per phase: the machine's, and those of
+    the engine's and the learner's processes."""
+
+    clock: RoleClock | None = None
 
     def __init__(self):
         super().__init__()
-        self.cpu: dict[str, float] = {}
+        self.cpu: dict[str, dict[str, float]] = {}
 
     @contextmanager
     def __call__(self, phase: str):
-        c0 = machine_cpu_s()
+        c0 = self.clock.read()
         with super().__call__(phase):
             yield
-        self.cpu[phase] = self.cpu.get(phase, 0.0) + machine_cpu_s() - c0
+        c1 = self.clock.read()
+        acc = self.cpu.setdefault(phase, {})
+        for k in c1:
+            acc[k] = acc.get(k, 0.0) + c1[k] - c0[k]
 
 
-def run_mode(cfg, steps: int, warmup: int) -> dict:
+def run_mode(cfg, steps: int, warmup: int) -> list[dict]:
+    """One trainer, `warmup` untimed steps, then `steps` timed ones: each step's metrics and CPU."""
     timers: list[CpuPhaseTimer] = []
 
     def make_timer():
@@ -73,42 +113,62 @@ def run_mode(cfg, steps: int, warmup: int) -> dict:
 
     trainer_module.PhaseTimer = make_timer  # the bench's timer inside the unchanged train_step
     trainer = trainer_module.Trainer(cfg)
-    rows = []
+    CpuPhaseTimer.clock = clock = RoleClock()
+    out = []
     try:
-        for _ in range(warmup + steps):
-            c0, t0 = machine_cpu_s(), time.perf_counter()
+        for i in range(warmup + steps):
+            c0, t0 = clock.read(), time.perf_counter()
             metrics = trainer.train_step()
             trainer.step += 1
-            metrics["cpu_step"] = machine_cpu_s() - c0
-            metrics["wall_step"] = time.perf_counter() - t0
-            rows.append(metrics)
+            c1 = clock.read()
+            if i >= warmup:
+                out.append(
+                    {
+                        "wall": time.perf_counter() - t0,
+                        "metrics": metrics,
+                        "cpu": {k: c1[k] - c0[k] for k in c1},
+                        "cpu_by_phase": timers[-1].cpu,
+                    }
+                )
     finally:
         trainer.shutdown()
         trainer_module.PhaseTimer = CpuPhaseTimer.__mro__[1]
-    timed, cpu = rows[warmup:], timers[warmup:]
+    return out
+
+
+def summarize(steps: list[dict]) -> dict:
+    """Medians over the timed steps of every round."""
 
     def med(values):
         return statistics.median(values)
 
-    out = {
-        "step_s": med([r["wall_step"] for r in timed]),
-        "wait_generate_s": med([r["time/generate_s"] for r in timed]),
-        "generate_busy_s": med([r["time/generate_busy_s"] for r in timed]),
-        "grade_s": med([r["time/grade_s"] for r in timed]),
-        "update_s": med([r["time/update_s"] for r in timed]),
-        "sync_s": med([r["time/sync_s"] for r in timed]),
-        "cpu_s_per_step": med([r["cpu_step"] for r in timed]),
-        "cpu_s_by_phase": {p: med([t.cpu.get(p, 0.0) for t in cpu]) for p in PHASES},
-        "staleness_mean": statistics.mean(r["offpolicy/staleness_mean"] for r in timed),
-        "completion_tokens_mean": med([r["response_length/mean"] for r in timed]),
-        "reward_mean": statistics.mean(r["reward/total"] for r in timed),
+    def metric(key):
+        return med([s["metrics"].get(key, 0.0) for s in steps])
+
+    roles = ("engine", "learner", "machine")
+    return {
+        "steps_timed": len(steps),
+        "step_s": med([s["wall"] for s in steps]),
+        "wait_generate_s": metric("time/generate_s"),
+        "generate_busy_s": metric("time/generate_busy_s"),
+        "grade_s": metric("time/grade_s"),
+        "update_s": metric("time/update_s"),
+        "sync_s": metric("time/sync_s"),
+        "cpu_s_per_step": med([s["cpu"]["machine"] for s in steps]),
+        "cpu_s_by_role": {r: med([s["cpu"][r] for s in steps]) for r in roles},
+        "cpu_s_by_phase": {
+            p: {r: med([s["cpu_by_phase"].get(p, {}).get(r, 0.0) for s in steps]) for r in roles}
+            for p in PHASES
+        },
+        "staleness_mean": statistics.mean(s["metrics"]["offpolicy/staleness_mean"] for s in steps),
+        "completion_tokens_mean": metric("response_length/mean"),
     }
-    return out
 
 
-def work_config(work: str, root: Path, default_model: str | None, k: int, log_dir: Path):
+def work_config(work: str, root: Path, default_model: str | None, k: int, log_dir: Path, pin: bool):
     threads = 2 if k == 0 else 1
     common = [
+        *(["learner.cpu_affinity=[1]"] if pin and k > 0 else []),
         f"logging.dir={log_dir}",
         f"algorithm.max_staleness={k}",
         f"learner.cpu_threads={threads}",
@@ -146,6 +206,10 @@ def main() -> None:
     ap.add_argument("--work", nargs="+", default=["identical", "default"], choices=["identical", "default"])
     ap.add_argument("--default-model", default="artifacts/warm-model")
     ap.add_argument("--out", default="bench/results/step.json")
+    ap.add_argument("--rounds", type=int, default=2, help="passes over every mode, interleaved")
+    ap.add_argument(
+        "--no-pin", dest="pin", action="store_false", help="pipelined: leave the learner unpinned"
+    )
     args = ap.parse_args()
 
     ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
@@ -159,22 +223,36 @@ def main() -> None:
         if "default" in args.work and not Path(args.default_model).exists():
             # the default's data, on the tiny model (see the module docstring)
             make_synthetic(root / "default-data", n_train=512, n_test=16, seed=0, question_types=("depth",))
-        for work in args.work:
-            for k in args.staleness:
-                cfg = work_config(work, root, args.default_model, k, root / f"log-{work}-{k}")
-                if work == "default" and not Path(args.default_model).exists():
-                    cfg.data.train = str(root / "default-data" / "SAT")
-                    cfg.data.eval = str(root / "default-data" / "CV-Bench")
-                print(f"[bench_step] {work}, max_staleness={k} ...", file=sys.stderr, flush=True)
-                rows.append(
-                    {
-                        "work": work,
-                        "max_staleness": k,
-                        "model": cfg.model.path.split("/")[-1],
-                        "learner_threads": cfg.learner.cpu_threads,
-                        **run_mode(cfg, args.steps, args.warmup),
-                    }
-                )
+        runs: dict[tuple[str, int], list[dict]] = {}
+        configs = {}
+        for round_ in range(args.rounds):  # rounds interleave the modes: the shared machine drifts
+            for work in args.work:
+                for k in args.staleness:
+                    cfg = work_config(
+                        work, root, args.default_model, k, root / f"log-{work}-{k}-{round_}", args.pin
+                    )
+                    if work == "default" and not Path(args.default_model).exists():
+                        cfg.data.train = str(root / "default-data" / "SAT")
+                        cfg.data.eval = str(root / "default-data" / "CV-Bench")
+                    print(
+                        f"[bench_step] round {round_}: {work}, max_staleness={k} ...",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    runs.setdefault((work, k), []).extend(run_mode(cfg, args.steps, args.warmup))
+                    configs[(work, k)] = cfg
+        for (work, k), steps in runs.items():
+            cfg = configs[(work, k)]
+            rows.append(
+                {
+                    "work": work,
+                    "max_staleness": k,
+                    "model": cfg.model.path.split("/")[-1],
+                    "learner_threads": cfg.learner.cpu_threads,
+                    "learner_affinity": cfg.learner.cpu_affinity,
+                    **summarize(steps),
+                }
+            )
     ray.shutdown()
 
     by_work = {}
@@ -185,18 +263,28 @@ def main() -> None:
         for r in modes.values():
             if sync:
                 r["vs_sync"] = r["step_s"] / sync["step_s"]
-                r["bound_s"] = sync["cpu_s_per_step"] / 2  # 2 cores
+                # the synchronous step's work in CPU-seconds: the engine's while generating, the
+                # learner's while updating, the machine's while grading and syncing; over 2 cores
+                ph = sync["cpu_s_by_phase"]
+                work_cpu = (
+                    ph["generate"]["engine"]
+                    + ph["update"]["learner"]
+                    + ph["grade"]["machine"]
+                    + ph["sync"]["machine"]
+                )
+                r["bound_s"] = work_cpu / 2
                 r["vs_max_gen_update"] = r["step_s"] / max(sync["generate_busy_s"], sync["update_s"])
     header = (
         f"{'work':<10}{'k':>3}{'step s':>8}{'x sync':>8}{'wait gen':>9}{'gen busy':>9}{'update':>8}{'sync':>7}"
-        f"{'grade':>7}{'cpu s':>7}{'bound':>7}{'x max(g,u)':>11}{'stale':>6}{'tokens':>7}"
+        f"{'grade':>7}{'cpu s':>7}{'eng':>6}{'lrn':>6}{'bound':>7}{'x max(g,u)':>11}{'stale':>6}{'tokens':>7}"
     )
     print(header)
     for r in rows:
         print(
             f"{r['work']:<10}{r['max_staleness']:>3}{r['step_s']:>8.2f}{r.get('vs_sync', float('nan')):>8.2f}"
             f"{r['wait_generate_s']:>9.2f}{r['generate_busy_s']:>9.2f}{r['update_s']:>8.2f}{r['sync_s']:>7.2f}"
-            f"{r['grade_s']:>7.3f}{r['cpu_s_per_step']:>7.2f}{r.get('bound_s', float('nan')):>7.2f}"
+            f"{r['grade_s']:>7.3f}{r['cpu_s_per_step']:>7.2f}{r['cpu_s_by_role']['engine']:>6.2f}"
+            f"{r['cpu_s_by_role']['learner']:>6.2f}{r.get('bound_s', float('nan')):>7.2f}"
             f"{r.get('vs_max_gen_update', float('nan')):>11.2f}{r['staleness_mean']:>6.2f}"
             f"{r['completion_tokens_mean']:>7.1f}"
         )

@@ -149,6 +149,11 @@ class LearnerConfig(_Section):
         "holds); generation and update take turns, so a one-machine CPU run can give the update "
         "every core. Ignored on the GPU",
     )
+    cpu_affinity: list[int] | None = Field(
+        None,
+        description="CPU cores each learner rank's process may run on (CPU only; e.g. [1] when one "
+        "machine also runs vLLM, whose CPU worker binds core 0). None: any",
+    )
 
 
 class AlgorithmConfig(_Section):

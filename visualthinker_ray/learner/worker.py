@@ -89,6 +89,8 @@ class LearnerWorker:
             world_size=self.world_size,
             timeout=timeout,
         )
+        if not self.on_gpu and cfg.learner.cpu_affinity:
+            pin_process(cfg.learner.cpu_affinity)
         if not self.on_gpu and cfg.learner.cpu_threads:
             # Ray starts the actor with one thread per CPU it holds; never more than the machine has.
             torch.set_num_threads(min(cfg.learner.cpu_threads, os.cpu_count() or 1))
@@ -433,6 +435,18 @@ class LearnerWorker:
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def pin_process(cores: list[int]) -> None:
+    """Keep every thread of this process (torch's pool included) on `cores`: pipelined on one machine,
+    the learner then stays off the core vLLM's CPU worker binds its OpenMP threads to."""
+    available = os.sched_getaffinity(0)
+    if not set(cores) <= available:
+        raise ValueError(
+            f"learner.cpu_affinity={cores} names cores this process may not use (allowed: {sorted(available)})"
+        )
+    for tid in os.listdir("/proc/self/task"):
+        os.sched_setaffinity(int(tid), cores)
 
 
 def _node_ip() -> str:
