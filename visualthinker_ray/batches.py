@@ -26,11 +26,6 @@ class RolloutBatch:
     generate_s: float = 0.0  # the slowest rollout worker's busy seconds (not the driver's wait)
     stats: list[dict] = field(default_factory=list)  # per-worker throughput
 
-    @property
-    def policy_version(self) -> int:
-        """The oldest policy that sampled any of it."""
-        return min(c.policy_version for c in self.completions)
-
 
 @dataclass
 class TrainItem:
