@@ -4,9 +4,8 @@ import os
 
 import pytest
 
-# vLLM runs as on GPUs: engine core and workers in their own processes (the engine sets
-# VLLM_ENABLE_V1_MULTIPROCESSING itself, from rollout.vllm_in_process); a small KV cache on the CPU,
-# and quiet logs in test output.
+# vLLM runs as on GPUs: AsyncLLM, its engine core and workers in their own processes; a small KV
+# cache on the CPU, and quiet logs in test output.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

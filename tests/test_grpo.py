@@ -28,18 +28,21 @@ from visualthinker_ray.grpo import (
 # Plain reference computations
 
 
-def plain_advantages(rewards: list[float], g: int, scale: bool, eps: float = 1e-4) -> tuple[list[float], int]:
-    out, zero_groups = [], 0
+def plain_advantages(
+    rewards: list[float], g: int, scale: bool, eps: float = 1e-4
+) -> tuple[list[float], int, list[bool]]:
+    out, zero_groups, zero_std = [], 0, []
     for start in range(0, len(rewards), g):
         grp = rewards[start : start + g]
         mean = sum(grp) / g
+        zero_std.append(len(set(grp)) == 1)
         if len(set(grp)) == 1:
             zero_groups += 1
             out += [0.0] * g
             continue
         std = math.sqrt(sum((x - mean) ** 2 for x in grp) / (g - 1))  # unbiased
         out += [(x - mean) / (std + eps) if scale else x - mean for x in grp]
-    return out, zero_groups
+    return out, zero_groups, zero_std
 
 
 def plain_token_stats(logits: np.ndarray, targets: np.ndarray, temperature: float):
@@ -142,10 +145,11 @@ def test_group_advantages_match_plain(scale_by_std, group_size):
     rewards[:group_size] = 1.5  # a zero-std group
     rewards[group_size : 2 * group_size] = 0.1  # another, with a value that is inexact in binary
     res = group_advantages(rewards, group_size, scale_by_std=scale_by_std)
-    expected, zero_groups = plain_advantages(rewards.tolist(), group_size, scale_by_std)
+    expected, zero_groups, zero_std = plain_advantages(rewards.tolist(), group_size, scale_by_std)
     assert res.advantages.dtype == torch.float32
     assert res.num_groups == num_prompts
     assert res.num_zero_std_groups == zero_groups >= 2
+    assert res.zero_std == zero_std and res.zero_std[:2] == [True, True] and not all(res.zero_std)
     np.testing.assert_allclose(res.advantages.numpy(), expected, rtol=1e-5, atol=1e-6)
     assert torch.all(res.advantages[: 2 * group_size] == 0)  # exactly zero, not tiny
 

@@ -12,8 +12,9 @@ from tests.conftest import MAX_PIXELS, MIN_PIXELS
 from tests.weight_source import ModelWeightSource
 from visualthinker_ray.data.sat import load_sat
 from visualthinker_ray.models import banned_token_ids, load_model, load_processor
-from visualthinker_ray.rollout.engine import SamplingSpec
+from visualthinker_ray.rollout.engine import Completion, SamplingSpec
 from visualthinker_ray.rollout.pool import RolloutPool
+from visualthinker_ray.rollout.worker import sampling_to_dict
 from visualthinker_ray.sequences import build_batch, completion_logprobs, encode_prompt
 from visualthinker_ray.weight_sync import WeightSyncError
 
@@ -55,6 +56,12 @@ def reference(tiny_model_dir):
 
 def _recomputed_logprob_error(comps, records, processor, model, weights=None) -> float:
     """Largest |engine log-prob - HF forward log-prob| over the completions' tokens."""
+    errors = _recomputed_logprob_errors(comps, records, processor, model, weights)
+    return max(e.max().item() for e in errors)
+
+
+def _recomputed_logprob_errors(comps, records, processor, model, weights=None) -> list[torch.Tensor]:
+    """Per completion, per token: |engine log-prob - HF forward log-prob| under `weights`."""
     if weights is not None:
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -69,12 +76,12 @@ def _recomputed_logprob_error(comps, records, processor, model, weights=None) ->
     )
     with torch.no_grad():
         logp = completion_logprobs(model, batch, TEMPERATURE, banned_token_ids(processor.tokenizer))
-    worst = 0.0
+    errors = []
     for b, c in enumerate(comps):
         recomputed = logp[b][batch["completion_mask"][b].bool()]
         assert recomputed.shape[0] == len(c.logprobs)
-        worst = max(worst, (recomputed - torch.tensor(c.logprobs)).abs().max().item())
-    return worst
+        errors.append((recomputed - torch.tensor(c.logprobs)).abs())
+    return errors
 
 
 def _assert_served_weights_equal(pool, expected: dict):
@@ -122,6 +129,43 @@ def test_sync_makes_every_worker_serve_the_senders_weights(setup, records, refer
     # the same tokens scored with the OLD weights are far off: the engines really use the new ones
     worst_old = _recomputed_logprob_error(comps, records, processor, model, original)
     assert worst_old > 100 * LOGPROB_TOL, f"old weights explain the new log-probs too ({worst_old:.2e})"
+
+
+def test_a_sync_during_generation_reaches_vllm_mid_request(setup, records, reference):
+    """vLLM pauses, loads and resumes: the tokens of a request in flight before the sync come from
+    the old weights and the rest from the new ones, each labelled with its version."""
+    pool, source = setup
+    assert pool.kinds[1] == "vllm"
+    old = ray.get(source.weights.remote())
+    version = pool.policy_versions()[1]
+    sampling = SamplingSpec(n=G, temperature=TEMPERATURE, max_new_tokens=300, seed=0)
+    ref = pool.workers[1].generate.remote([r.to_dict() for r in records], sampling_to_dict(sampling))
+    time.sleep(1.0)  # it is generating (8 x 300 tokens take several seconds here)
+    ray.get(source.perturb.remote(seed=5))
+    new = ray.get(source.weights.remote())
+    pool.sync(source, version=version + 1)
+    comps = [Completion(**c) for c in ray.get(ref, timeout=300)["completions"]]
+    assert pool.policy_versions() == [version + 1] * 2
+    assert all(c.policy_version == version for c in comps)  # the oldest version in each
+
+    processor, model = reference
+    err_old = _recomputed_logprob_errors(comps, records, processor, model, old)
+    err_new = _recomputed_logprob_errors(comps, records, processor, model, new)
+    mixed = 0
+    for c, e_old, e_new in zip(comps, err_old, err_new, strict=True):
+        spans = c.meta.get("weight_versions") or [(c.policy_version, 0, len(c.token_ids))]
+        assert spans[0][1] == 0 and spans[-1][2] == len(c.token_ids), spans
+        for v, start, end in spans:
+            errors = (e_old if v == version else e_new)[start:end]
+            assert errors.max() < LOGPROB_TOL, (
+                f"{c.meta['engine']}: tokens {start}-{end} not from version {v}"
+            )
+        if len(spans) == 2:
+            mixed += 1
+            assert spans[0][0] == version and spans[1][0] == version + 1
+            # the new weights really differ there: the old ones do not explain the later tokens
+            assert e_old[spans[1][1] : spans[1][2]].max() > 100 * LOGPROB_TOL
+    assert mixed > 0, "the sync did not land while vLLM was generating"
 
 
 def test_a_worker_killed_during_a_sync_fails_the_sync_within_the_timeout(setup):

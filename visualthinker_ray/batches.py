@@ -42,7 +42,6 @@ class TrainItem:
 @dataclass
 class TrainBatch:
     items: list[TrainItem]
-    step: int = 0
 
     @property
     def staleness(self) -> list[int]:

@@ -85,11 +85,6 @@ class RolloutConfig(_Section):
     max_new_tokens: int = Field(64, gt=0, description="paper: 700")
     eval_max_new_tokens: int = Field(64, gt=0, description="paper: 1024 (greedy)")
     stop: list[str] = Field(default_factory=list, description="stop strings, kept in the completion")
-    vllm_in_process: bool = Field(
-        False,
-        description="run vLLM's engine core in the rollout actor's process (debugging only: GPU runs and "
-        "the tests use vLLM's default multiprocess mode; tensor_parallel_size must be 1)",
-    )
     sync_skip_frozen: bool = Field(
         True,
         description="after the first full sync over a group, leave out parameters that cannot change "

@@ -53,6 +53,7 @@ class GroupAdvantages:
     advantages: Tensor  # [N] float32, one per completion, in the order of the rewards
     num_groups: int
     num_zero_std_groups: int  # groups whose completions all got the same reward (no learning signal)
+    zero_std: list[bool]  # per group, in order: all its rewards equal (dynamic sampling drops these)
 
 
 def group_advantages(
@@ -90,6 +91,7 @@ def group_advantages(
         advantages=adv.reshape(-1).to(torch.float32),
         num_groups=r.shape[0],
         num_zero_std_groups=int(zero_std.sum()),
+        zero_std=zero_std.tolist(),
     )
 
 

@@ -69,6 +69,18 @@ def connect_ray(cfg: Config) -> None:
         log.info("started a local Ray instance (%s CPUs)", ray.cluster_resources().get("CPU"))
 
 
+def split_by_signal(records: list[PromptRecord], completions: list[Completion], scores: list[dict], g: int):
+    """The groups (record, its g completions, their scores) whose rewards differ, and those whose
+    rewards are all equal (zero advantage: no signal), each in order."""
+    zero_std = group_advantages(torch.tensor([s["total"] for s in scores], dtype=torch.float64), g).zero_std
+    groups = [
+        (rec, completions[k * g : (k + 1) * g], scores[k * g : (k + 1) * g]) for k, rec in enumerate(records)
+    ]
+    return [gr for gr, z in zip(groups, zero_std, strict=True) if not z], [
+        gr for gr, z in zip(groups, zero_std, strict=True) if z
+    ]
+
+
 def check_groups(completions: list[Completion], records: list[PromptRecord], group_size: int) -> None:
     """The G completions of each prompt must be contiguous and in prompt order (graded groups were
     misaligned in the reference code); fail loudly rather than compute wrong advantages."""
@@ -182,8 +194,10 @@ class Trainer:
                 )  # fmt: skip
 
         with timer("sync"):
-            # Weights change between requests: the generations in flight finish on the old ones.
-            self.rollout.wait_done([p.refs for p in self._pending])
+            # vLLM loads the new weights while it generates the next batches (their tokens after
+            # this point come from them); the HF engine finishes its generation on the old ones first.
+            if not self.rollout.updates_during_generation:
+                self.rollout.wait_done([p.refs for p in self._pending])
             self.rollout.sync(self.learner, version=self.step + 1)
 
         completions = batch.completions
@@ -210,6 +224,11 @@ class Trainer:
                 "advantage/zero_std_group_frac": adv.num_zero_std_groups / max(1, adv.num_groups),
                 "offpolicy/staleness_mean": sum(staleness) / len(staleness),
                 "offpolicy/staleness_max": max(staleness),
+                # completions whose tokens came from two or more policy versions (vLLM, k > 0)
+                "offpolicy/mixed_version_frac": sum(
+                    len(c.meta.get("weight_versions", ())) > 1 for c in completions
+                )
+                / len(completions),
                 "reward_pool/timeouts": graded.timeouts,
                 "reward_pool/errors": graded.errors,
                 "data/epoch": batch.epoch,
@@ -283,15 +302,7 @@ class Trainer:
         rounds; if still short, dropped groups fill the batch (they then add only the KL term)."""
         alg = self.cfg.algorithm
         g, want = alg.group_size, len(batch.records)
-        kept, dropped = [], []
-
-        def sort(records, completions, scores_):
-            for k, rec in enumerate(records):
-                group = (rec, completions[k * g : (k + 1) * g], scores_[k * g : (k + 1) * g])
-                totals = [s["total"] for s in group[2]]
-                (kept if len(set(totals)) > 1 else dropped).append(group)
-
-        sort(batch.records, batch.completions, scores)
+        kept, dropped = split_by_signal(batch.records, batch.completions, scores, g)
         first_dropped, rounds, busy = len(dropped), 0, batch.generate_s
         while len(kept) < want and rounds < alg.dynamic_sampling_max_rounds:
             rounds += 1
@@ -300,7 +311,10 @@ class Trainer:
             completions, stats = self.rollout.generate(records, self._sampling(batch.step, rounds))
             check_groups(completions, records, g)
             busy += max((s.get("seconds", 0.0) for s in stats), default=0.0)
-            sort(records, completions, self._grade(records, completions)[0])
+            more_kept, more_dropped = split_by_signal(
+                records, completions, self._grade(records, completions)[0], g
+            )
+            kept, dropped = kept + more_kept, dropped + more_dropped
         short = max(0, want - len(kept))
         chosen = kept[:want] + dropped[:short]
         refilled = RolloutBatch(
@@ -328,7 +342,6 @@ class Trainer:
                 )
                 for c, a in zip(batch.completions, advantages, strict=True)
             ],
-            step=batch.step,
         )
 
     # -- the loop -------------------------------------------------------------------------------------

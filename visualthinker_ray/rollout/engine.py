@@ -72,7 +72,6 @@ def engine_kwargs(cfg) -> dict:
         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
         seed=cfg.data.seed,
         device=None if cfg.resources.device == "auto" else cfg.resources.device,
-        in_process=cfg.rollout.vllm_in_process,
     )
 
 

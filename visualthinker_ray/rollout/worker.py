@@ -4,18 +4,35 @@ Everything that crosses its boundary is plain data: records and completions as d
 dict, tensor metadata and bucket plans. The weight bytes never pass through it: with vLLM every
 engine worker process joins the sync group and receives them itself (weight_sync/vllm_receiver.py);
 the HF engine lives in this process, so here this actor is the receiver.
+
+Two lanes (Ray concurrency groups): generation runs in the default one, one call at a time, in the
+order the calls arrive; the weight-sync calls run in the "weights" lane, so a sync is not queued
+behind a generation. vLLM loads it during the generation (the engine pauses and resumes); the HF
+engine cannot, so a lock makes its sync wait for the generation to end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import threading
 import time
+
+import ray
 
 from visualthinker_ray.data.records import PromptRecord
 from visualthinker_ray.rollout.engine import SamplingSpec, make_engine
 from visualthinker_ray.weight_sync import Bucket, Handshake, TensorMeta
 from visualthinker_ray.weight_sync.transport import SyncGroup, receive_buckets, receive_flat
+
+# The actor's lanes besides the default one (generation): pass as `concurrency_groups` when creating it.
+CONCURRENCY_GROUPS = {"weights": 1}
+
+
+def updates_during_generation(engine: str) -> bool:
+    """Whether this engine loads a weight update while a generation runs (else: after it)."""
+    return engine == "vllm"
 
 
 class RolloutWorker:
@@ -24,6 +41,8 @@ class RolloutWorker:
         self.engine = make_engine(engine, model_path, **(engine_kwargs or {}))
         self.group: SyncGroup | None = None  # the HF engine's membership (vLLM's workers hold their own)
         self.full_sync_received = False
+        # Held by generation and weight loading when the engine cannot do both at once.
+        self._exclusive = contextlib.nullcontext() if updates_during_generation(engine) else threading.Lock()
 
     def ready(self) -> dict:
         import ray
@@ -34,7 +53,8 @@ class RolloutWorker:
         """`sampling.n` completions per record, in record order, plus this call's token throughput."""
         spec = SamplingSpec(**{**sampling, "stop": tuple(sampling.get("stop", ()))})
         t0 = time.monotonic()
-        completions = self.engine.generate([PromptRecord.from_dict(r) for r in records], spec)
+        with self._exclusive:
+            completions = self.engine.generate([PromptRecord.from_dict(r) for r in records], spec)
         seconds = time.monotonic() - t0
         for c in completions:
             c.meta["engine"] = self.kind
@@ -46,15 +66,17 @@ class RolloutWorker:
             "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
         }
 
-    # -- weight sync (weight_sync/coordinator.py drives these) ----------------------------------------
+    # -- weight sync (weight_sync/coordinator.py drives these), in the "weights" lane -------------------
+    @ray.method(concurrency_group="weights")
     def sync_info(self) -> dict:
         return self.engine.sync_info()
 
+    @ray.method(concurrency_group="weights")
     def init_sync_group(
         self, addr: str, port: int, rank_offset: int, timeout_s: float, handshake: str
     ) -> None:
         """Join a (new) sync group at `rank_offset` (vLLM: each worker at rank_offset + its TP rank)."""
-        self.close_sync_group()
+        self._close_group()
         self.full_sync_received = False
         if self.kind == "vllm":
             self.engine.init_weight_sync(addr, port, rank_offset, timeout_s, handshake)
@@ -64,11 +86,16 @@ class RolloutWorker:
             mine = Handshake.from_json(handshake).mine(shapes)
             self.group = SyncGroup(addr, port, mine, rank_offset, timeout_s, device)
 
+    @ray.method(concurrency_group="weights")
     def close_sync_group(self) -> None:
+        self._close_group()
+
+    def _close_group(self) -> None:
         if self.group is not None:
             self.group.close()
             self.group = None
 
+    @ray.method(concurrency_group="weights")
     def receive_weights(self, metas: list[TensorMeta], plan: list[Bucket], version: int, skipped=()) -> dict:
         """One sync: receive every bucket through the group and load it into the engine."""
         if skipped and not self.full_sync_received:
@@ -86,16 +113,19 @@ class RolloutWorker:
                     "this rollout worker has no weight-sync group; the pool must build it first"
                 )
             named = [pair for bucket in receive_buckets(self.group, metas, plan) for pair in bucket]
-            self.engine.update_weights(named, version, skipped)
+            with self._exclusive:
+                self.engine.update_weights(named, version, skipped)
         self.full_sync_received = True
         return {"seconds": time.monotonic() - t0, "version": version, **phases}
 
+    @ray.method(concurrency_group="weights")
     def receive_flat(self, numel: int, dtype: str = "float32") -> float:
         """One raw broadcast into scratch buffers (the benchmark's baseline for a sync's bytes)."""
         if self.kind == "vllm":
             return self.engine.receive_flat(numel, dtype)
         return receive_flat(self.group, numel, dtype)
 
+    @ray.method(concurrency_group="weights")
     def policy_version(self) -> int:
         return self.engine.policy_version
 
