@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Build the main job's inputs under ROOT (default: artifacts): the tiny model, the synthetic data
-# and the warmed-up start model. Each folder gets a .stamp: a hash of the command that made it, the
-# code that made it and the stamps of its inputs. A folder whose stamp matches is reused; one built
-# by other code or options (or by an older checkout, with no stamp) is rebuilt, so a code change
-# never trains on stale inputs. DATA_ARGS and WARMUP_ARGS add options to make-synthetic and to the
-# warm-up (e.g. WARMUP_ARGS="--steps 300" for a quick look at the pipeline: such a short warm-up
-# gives a start that does not learn within the default run).
+# Build the main job's inputs under ROOT (default: artifacts): the synthetic data, and check the
+# start model that ships with the repository (START_MODEL_DIR, default start_models/tiny-depth-v1:
+# the stand-in for a downloaded base model, its provenance in PROVENANCE.md there) against its
+# SHA256SUMS. START_MODEL=rebuild also makes the start model again, into ROOT/warm-model: the tiny
+# model, then the grounded warm-up (about 31 minutes on 2 cores); never triggered by an edit.
+# Each folder built gets a .stamp: a hash of the command that made it, the code that made it and the
+# stamps of its inputs. A folder whose stamp matches is reused; one built by other code or options
+# (or by an older checkout, with no stamp) is rebuilt, so a code change never trains on stale
+# inputs. DATA_ARGS and WARMUP_ARGS add options to make-synthetic and to the warm-up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=${1:-artifacts}
@@ -44,9 +46,21 @@ data_cmd="$PY -m $M make-synthetic --out $ROOT/data --train 4096 --test 256 --se
 warm_cmd="$PY -m $M warmup --model $ROOT/tiny-model --data $ROOT/data/SAT --out $ROOT/warm-model --reasoning grounded --steps 10000 --lr 1e-3 --log-every 500 --max-new-tokens 96 ${WARMUP_ARGS:-}"
 
 # shellcheck disable=SC2086  # the commands are word-split on purpose
-build "$ROOT/tiny-model" "$(key "$model_cmd" $M/models.py)" $model_cmd
-# shellcheck disable=SC2086
 build "$ROOT/data" "$(key "$data_cmd" $M/data/synthetic.py)" $data_cmd
+
+if [[ ${START_MODEL:-shipped} != rebuild ]]; then
+    START=${START_MODEL_DIR:-start_models/tiny-depth-v1}
+    if ! (cd "$START" && sha256sum --quiet -c SHA256SUMS); then
+        echo "error: the start model in $START does not match its SHA256SUMS (a partial clone, a" \
+            "Git LFS pointer or an edit?); restore it with git checkout -- $START, or rebuild it:" \
+            "START_MODEL=rebuild bash scripts/build_artifacts.sh (see $START/PROVENANCE.md)" >&2
+        exit 1
+    fi
+    echo "start model $START: checksums match"
+    exit 0
+fi
+# shellcheck disable=SC2086
+build "$ROOT/tiny-model" "$(key "$model_cmd" $M/models.py)" $model_cmd
 # The stand-in for a pretrained base model: a supervised warm-up that teaches the R1-Zero format,
 # with reasoning that says where the asked-about objects are and how big, and a RANDOM answer (it
 # writes well-formed completions and answers at chance).

@@ -1,5 +1,6 @@
 """scripts/build_artifacts.sh: the quickstart's inputs are reused while their stamps match and
-rebuilt, with everything downstream, when they were made by other code or options."""
+rebuilt, with everything downstream, when they were made by other code or options; the shipped
+start model is checked, and only rebuilt when asked."""
 
 import os
 import subprocess
@@ -9,9 +10,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def build(out: Path, data_args: str = "--train 48 --test 16") -> str:
-    env = dict(os.environ, PY=sys.executable, WARMUP_ARGS="--steps 2 --check-prompts 0", DATA_ARGS=data_args)
-    done = subprocess.run(
+def build(out: Path, data_args: str = "--train 48 --test 16", **env_vars) -> str:
+    done = run_script(out, data_args, START_MODEL="rebuild", **env_vars)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def run_script(out: Path, data_args: str, **env_vars) -> subprocess.CompletedProcess:
+    env = dict(
+        os.environ, PY=sys.executable, WARMUP_ARGS="--steps 2 --check-prompts 0", DATA_ARGS=data_args, **env_vars
+    )
+    return subprocess.run(
         ["bash", str(ROOT / "scripts/build_artifacts.sh"), str(out)],
         cwd=ROOT,
         env=env,
@@ -19,8 +28,6 @@ def build(out: Path, data_args: str = "--train 48 --test 16") -> str:
         text=True,
         timeout=600,
     )
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
 
 
 def mtimes(out: Path) -> dict[str, int]:
@@ -54,3 +61,24 @@ def test_reuses_matching_stamps_and_rebuilds_stale_inputs_and_their_dependants(t
     build(out)
     assert mtimes(out)["warm-model"] != now["warm-model"]
     assert (out / "warm-model" / ".stamp").is_file()
+
+
+def test_the_shipped_start_model_is_checked_not_rebuilt(tmp_path):
+    shipped = ROOT / "start_models" / "tiny-depth-v1"
+    done = run_script(tmp_path / "artifacts", "--train 48 --test 16")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "checksums match" in done.stdout
+    assert (tmp_path / "artifacts" / "data" / ".stamp").is_file()
+    assert not (tmp_path / "artifacts" / "warm-model").exists()  # no warm-up without START_MODEL=rebuild
+
+    # a damaged copy (one changed byte) fails, naming the folder and both ways out
+    copy = tmp_path / "start"
+    copy.mkdir()
+    for f in shipped.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    weights = bytearray((copy / "model.safetensors").read_bytes())
+    weights[-1] ^= 1
+    (copy / "model.safetensors").write_bytes(bytes(weights))
+    done = run_script(tmp_path / "artifacts", "--train 48 --test 16", START_MODEL_DIR=str(copy))
+    assert done.returncode == 1
+    assert str(copy) in done.stderr and "START_MODEL=rebuild" in done.stderr

@@ -167,7 +167,14 @@ class StopsAfterTwoSteps(Trainer):
 def test_pipelined_resume_trains_every_batch_once_in_the_same_order(tiny_model_dir, synthetic_dir, tmp_path):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     # The data order does not depend on the engine: the HF engine spares three vLLM start-ups.
-    args = ("rollout.engine=hf", "eval.at_start=false", "algorithm.max_steps=4", "algorithm.max_staleness=1")
+    args = (
+        "rollout.engine=hf",
+        "eval.at_start=false",
+        "eval.at_end=false",
+        "reward.num_workers=1",
+        "algorithm.max_steps=4",
+        "algorithm.max_staleness=1",
+    )
     run(config(tiny_model_dir, synthetic_dir, straight, *args))
     trainer = StopsAfterTwoSteps(config(tiny_model_dir, synthetic_dir, interrupted, *args))
     try:
