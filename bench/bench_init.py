@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from gold_training import train_curve, write_results  # bench/ is on sys.path when a bench script runs
 
+from visualthinker_ray.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from visualthinker_ray.data.sat import sat_record
 from visualthinker_ray.data.synthetic import make_one_object_color_question, sat_row
 from visualthinker_ray.models import INITS, load_model, load_processor, make_tiny_model
-from visualthinker_ray.warmup import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 
 ROOT = Path(__file__).resolve().parents[1]
 WINDOW = 100

@@ -2,15 +2,15 @@
 2), with each phase's time and the CPU-seconds the whole machine spent in it.
 
 Run: .venv/bin/python bench/bench_step.py [--steps 8] [--warmup 2] [--work identical default]
-     [--default-model artifacts/warm-model]
+     [--default-model start_models/tiny-depth-v1]
 Prints a table and writes bench/results/step.json. Every row runs in one invocation (compare ratios).
 
 Works:
 - identical: the peer comparison's work (a 0.64M-parameter tiny Qwen2-VL, 64 two-option spatial
   questions on 112x112 images, 8 prompts x 8 completions, 64 new tokens, temperature 1, beta 0.04,
   lr 1e-5, fp32), real Ray, vLLM in multiprocess mode, an FSDP2 learner over gloo.
-- default: the embedded default job (jobs/tiny_cpu.yaml) on --default-model (the grounded warm-up
-  when it is built; otherwise the tiny model, whose completions run to the token limit).
+- default: the embedded default job (jobs/tiny_cpu.yaml) on --default-model (the shipped start
+  model by default).
 
 The core split on 2 cores: vLLM's CPU worker binds its OpenMP threads to core 0 (vLLM keeps the
 other core for its engine-core process); the synchronous loop gives the learner 2 torch threads (it
@@ -168,7 +168,8 @@ def summarize(steps: list[dict]) -> dict:
 def work_config(work: str, root: Path, default_model: str | None, k: int, log_dir: Path, pin: bool):
     threads = 2 if k == 0 else 1
     common = [
-        *(["learner.cpu_affinity=[1]"] if pin and k > 0 else []),
+        # (set both ways: the job file may pin the learner for its own mode)
+        "learner.cpu_affinity=" + ("[1]" if pin and k > 0 else "null"),
         f"logging.dir={log_dir}",
         f"algorithm.max_staleness={k}",
         f"learner.cpu_threads={threads}",
@@ -204,7 +205,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (engine and caches warm up)")
     ap.add_argument("--staleness", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--work", nargs="+", default=["identical", "default"], choices=["identical", "default"])
-    ap.add_argument("--default-model", default="artifacts/warm-model")
+    ap.add_argument("--default-model", default="start_models/tiny-depth-v1")
     ap.add_argument("--out", default="bench/results/step.json")
     ap.add_argument("--rounds", type=int, default=2, help="passes over every mode, interleaved")
     ap.add_argument(

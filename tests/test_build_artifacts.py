@@ -18,7 +18,11 @@ def build(out: Path, data_args: str = "--train 48 --test 16", **env_vars) -> str
 
 def run_script(out: Path, data_args: str, **env_vars) -> subprocess.CompletedProcess:
     env = dict(
-        os.environ, PY=sys.executable, WARMUP_ARGS="--steps 2 --check-prompts 0", DATA_ARGS=data_args, **env_vars
+        os.environ,
+        PY=sys.executable,
+        WARMUP_ARGS="--steps 2 --check-prompts 0",
+        DATA_ARGS=data_args,
+        **env_vars,
     )
     return subprocess.run(
         ["bash", str(ROOT / "scripts/build_artifacts.sh"), str(out)],

@@ -413,7 +413,7 @@ def test_beta_zero_ignores_ref():
 
 @pytest.mark.parametrize("shape", [(1, 3), (4, 7), (16, 30)])
 def test_on_policy_loss_equals_recipe_loss(shape):
-    """One update per rollout: value and gradient equal RECIPE.md's reference loss."""
+    """One update per rollout: value and gradient equal the reference recipe's reference loss."""
     torch.manual_seed(shape[1])
     b, t = shape
     beta = 0.04

@@ -8,7 +8,7 @@ from visualthinker_ray.data.prompts import build_prompt, load_images
 from visualthinker_ray.data.records import PromptRecord
 from visualthinker_ray.models import load_processor
 
-# RECIPE.md's base prompt, written out literally (not built from the module's template).
+# The reference base prompt, written out literally (not built from the module's template).
 EXPECTED_BASE = (
     "<|vision_start|><|image_pad|><|vision_end|>"
     "A conversation between User and Assistant. The user asks a question about the image, and the Assistant "

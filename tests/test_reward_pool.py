@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 import ray
-from hypothesis import given
-from hypothesis import strategies as st
 
 from tests import plugins_for_tests as plugins
 from visualthinker_ray.config import Config
@@ -19,7 +17,6 @@ from visualthinker_ray.reward_pool import (
     RewardPool,
     call_with_time_limit,
     count_outcomes,
-    split_chunks,
 )
 from visualthinker_ray.rewards import reward_fns_from_config, score_completion, self_reflection
 
@@ -234,15 +231,6 @@ def test_plugin_that_cannot_be_imported_fails_the_pool_at_start():
     cfg = Config.model_validate({"reward": {"plugins": [{"name": "x", "function": "no_such_module_xyz:f"}]}})
     with pytest.raises(RuntimeError, match="no_such_module_xyz"):
         RewardPool(cfg, startup_timeout_s=60)
-
-
-@given(st.integers(0, 50), st.integers(1, 8))
-def test_split_chunks_covers_in_order_and_balances(n_items, n_chunks):
-    chunks = split_chunks(n_items, n_chunks)
-    assert [i for c in chunks for i in c] == list(range(n_items))
-    assert len(chunks) <= n_chunks and all(len(c) > 0 for c in chunks)
-    if chunks:
-        assert max(map(len, chunks)) - min(map(len, chunks)) <= 1
 
 
 def test_count_outcomes():

@@ -9,7 +9,8 @@ from tests.conftest import MAX_PIXELS, MIN_PIXELS
 from visualthinker_ray.data.sat import load_sat
 from visualthinker_ray.models import banned_token_ids, load_model, load_processor
 from visualthinker_ray.rewards import builtin_rewards, score_completion
-from visualthinker_ray.rollout.engine import SamplingSpec, make_engine
+from visualthinker_ray.rollout.engine import SamplingSpec
+from visualthinker_ray.rollout.factory import make_engine
 from visualthinker_ray.sequences import build_batch, completion_logprobs, encode_prompt
 
 G = 3

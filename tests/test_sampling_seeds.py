@@ -1,4 +1,4 @@
-"""Every prompt of a step samples from its own random stream (PITFALLS.md: one seed shared by every
+"""Every prompt of a step samples from its own random stream (one seed shared by every
 prompt gives sample i of every prompt the same draws). Checked with the HF engine, whose sampling
 this machine can run seeded per prompt; vLLM on the GPU passes the same per-prompt seeds."""
 

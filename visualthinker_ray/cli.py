@@ -8,6 +8,8 @@ import os
 import sys
 import time
 
+from visualthinker_ray.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+
 log = logging.getLogger("visualthinker_ray")
 
 
@@ -149,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-tiny-model", help="write a tiny random Qwen2-VL in HF format (CPU tests, demos)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--min-pixels", type=int, default=28 * 28 * 4)
-    p.add_argument("--max-pixels", type=int, default=28 * 28 * 16)
+    p.add_argument("--min-pixels", type=int, default=DEFAULT_MIN_PIXELS)
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     p.add_argument("--hidden-size", type=int, default=128, help="a multiple of 64")
     p.add_argument("--layers", type=int, default=2, help="decoder layers")
     p.add_argument("--vision-depth", type=int, default=2, help="vision transformer blocks")

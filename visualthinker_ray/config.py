@@ -15,6 +15,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+# The image limits of every command that reads images (28 x 28 pixels make one merged vision token):
+# 4 to 16 tokens per image, what the tiny model's 112-pixel synthetic images need.
+DEFAULT_MIN_PIXELS = 28 * 28 * 4
+DEFAULT_MAX_PIXELS = 28 * 28 * 16
+
 
 class ConfigError(ValueError):
     """A config file, key or value is wrong; the message says which and what to do."""
@@ -32,8 +37,10 @@ class ModelConfig(_Section):
         "auto", description="auto: bfloat16 on GPU, float32 on CPU"
     )
     # The image limits must be the same in the engine and the learner: both read them from here.
-    min_pixels: int = Field(28 * 28 * 4, gt=0, description="image processor min_pixels")
-    max_pixels: int = Field(28 * 28 * 16, gt=0, description="image processor max_pixels (paper: 401408)")
+    min_pixels: int = Field(DEFAULT_MIN_PIXELS, gt=0, description="image processor min_pixels")
+    max_pixels: int = Field(
+        DEFAULT_MAX_PIXELS, gt=0, description="image processor max_pixels (paper: 401408)"
+    )
     prompt_style: Literal["base", "instruct"] = Field(
         "base",
         description="base: R1-Zero template ending in <think>; instruct: the checkpoint's chat template",
@@ -67,7 +74,6 @@ class DataConfig(_Section):
         "artifacts/data/CV-Bench",
         description="CV-Bench hub id (nyu-visionx/CV-Bench), folder or parquet file",
     )
-    eval_limit: int | None = Field(None, gt=0, description="use the first N CV-Bench rows")
     seed: int = Field(0, description="option shuffling, data order and sampling seeds")
 
 

@@ -1,6 +1,6 @@
-"""CV-Bench evaluation through the rollout workers: greedy decoding, RECIPE.md scoring.
+"""CV-Bench evaluation through the rollout workers: greedy decoding, the reference scoring.
 
-Scoring (RECIPE.md): parse the first <answer>...</answer> (else the whole response); correct if it
+Scoring (the reference run's): parse the first <answer>...</answer> (else the whole response); correct if it
 is the gold letter ("A", "(A)", any case) or the gold choice text. Reported: accuracy per task and
 per source, the overall micro average over rows (as the paper), and the official CV-Bench score
 ((ADE20K + COCO) / 2 + Omni3D) / 2.
@@ -53,7 +53,7 @@ def score_rows(rows: list[dict]) -> dict[str, float]:
 def load_eval_records(cfg: Config, source: str | None = None) -> list[PromptRecord]:
     from visualthinker_ray.data.cvbench import load_cvbench
 
-    limit = cfg.eval.limit or cfg.data.eval_limit
+    limit = cfg.eval.limit
     return load_cvbench(source or cfg.data.eval, limit=limit).records
 
 
@@ -84,8 +84,8 @@ def format_report(scalars: dict[str, float], n: int) -> str:
 
 
 def run_eval(cfg: Config, model: str, data: str, out: str | None = None) -> dict:
+    from visualthinker_ray.ray_calls import connect_ray
     from visualthinker_ray.rollout.pool import RolloutPool
-    from visualthinker_ray.trainer import connect_ray
 
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": model})})
     records = load_eval_records(cfg, data)

@@ -14,7 +14,8 @@ import torch
 from visualthinker_ray.config import Config
 from visualthinker_ray.data.sat import load_train_records
 from visualthinker_ray.rewards import reward_fns_from_config, score_completion
-from visualthinker_ray.rollout.engine import SamplingSpec, engine_kwargs, make_engine
+from visualthinker_ray.rollout.engine import SamplingSpec
+from visualthinker_ray.rollout.factory import engine_kwargs, make_engine
 
 log = logging.getLogger(__name__)
 

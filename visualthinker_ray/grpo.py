@@ -1,7 +1,7 @@
 """GRPO maths: group advantages, token log-probs, the clipped policy loss and batch splitting.
 
 Pure torch: no Ray, no model code, so every piece is unit-tested on CPU. The defaults reproduce the
-reference run of RECIPE.md (advantage (r - mean) / (std + 1e-4), k3 KL with beta against the frozen
+reference run (advantage (r - mean) / (std + 1e-4), k3 KL with beta against the frozen
 initial model, mean over a sequence's tokens then over sequences, one update per rollout); the
 options cover DAPO (asymmetric "clip-higher", token-mean aggregation) and Dr.GRPO (no std scaling,
 sequence token sums over a constant).
@@ -31,7 +31,7 @@ __all__ = [
     "token_logprobs",
 ]
 
-# seq_mean_token_mean: the reference run (RECIPE.md); token_mean: DAPO; seq_mean_token_sum_norm: Dr.GRPO.
+# seq_mean_token_mean: the reference run; token_mean: DAPO; seq_mean_token_sum_norm: Dr.GRPO.
 AGG_MODES = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
 
 # token: PPO's per-token ratio (GRPO, DAPO, Dr.GRPO); sequence: GSPO's per-sequence ratio.
@@ -327,7 +327,7 @@ def policy_loss(
     constant. It corrects for sampling from a policy that differs from old_logp (bf16 kernels on
     GPU, or a stale engine when old_logp is the learner's own recomputation).
 
-    With old_logp = logp.detach() (one update per rollout) the value and the gradient equal RECIPE.md's
+    With old_logp = logp.detach() (one update per rollout) the value and the gradient equal the reference recipe's
     -[exp(logp - logp.detach()) * A - beta * KL]. Metrics are local to this call (they ignore
     global_denominator), computed without grad, with one device sync.
     """

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from visualthinker_ray.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+
 # Special tokens of Qwen2-VL, in the order the tiny tokenizer gives them ids 0..N-1.
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -207,8 +209,8 @@ def fan_in_init_(model: torch.nn.Module) -> torch.nn.Module:
 def make_tiny_model(
     out_dir: str | Path,
     seed: int = 0,
-    min_pixels: int = 28 * 28 * 4,
-    max_pixels: int = 28 * 28 * 16,
+    min_pixels: int = DEFAULT_MIN_PIXELS,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     hidden_size: int = 128,
     num_layers: int = 2,
     vocab_size: int = 1024,

@@ -1,10 +1,15 @@
-"""Driving Ray actors from the driver: bounded waits with errors naming each failed call, free ports."""
+"""Driving Ray from the driver: joining or starting the cluster, bounded waits with errors naming
+each failed call, free ports."""
 
 from __future__ import annotations
 
+import logging
+import os
 import socket
 
 import ray
+
+log = logging.getLogger(__name__)
 
 
 def wait_all(refs: dict, timeout_s: float, what: str, error: type[Exception] = RuntimeError) -> dict:
@@ -45,3 +50,36 @@ def free_port(addr: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind(("" if addr not in ("127.0.0.1", "localhost") else addr, 0))
         return s.getsockname()[1]
+
+
+def connect_ray(cfg) -> None:
+    """Join the cluster under `ray job submit` (RAY_ADDRESS) or resources.ray_address; else start one."""
+    if ray.is_initialized():
+        return
+    address = cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        log.info("joined the Ray cluster at %s", address)
+    else:
+        # Logical CPUs for every actor the config asks for (oversubscribed on a small machine: the
+        # actors share the cores), so nothing waits forever for a CPU that does not exist.
+        wanted = cfg.rollout.num_workers + cfg.learner.num_workers + cfg.reward.num_workers + 1
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, wanted),
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            log_to_driver=True,
+        )
+        log.info("started a local Ray instance (%s CPUs)", ray.cluster_resources().get("CPU"))
+
+
+def split_evenly(items: list, n: int) -> list[list]:
+    """`n` contiguous chunks whose sizes differ by at most one (concatenated, the original order; some
+    are empty when there are fewer items than chunks): the fan-out of work over a pool of actors."""
+    q, r = divmod(len(items), n)
+    out, start = [], 0
+    for i in range(n):
+        end = start + q + (1 if i < r else 0)
+        out.append(items[start:end])
+        start = end
+    return out

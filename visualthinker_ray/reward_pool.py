@@ -1,7 +1,6 @@
 """The reward pool: CPU Ray actors that grade completions with time limits, and survive hangs.
 
-Two layers of time limits, because a hung grader must never stall a training step (PITFALLS.md,
-Graders):
+Two layers of time limits, because a hung grader must never stall a training step:
 
 * Soft, inside the actor: each grader call on one completion gets ``reward.timeout_s``, enforced
   with ``signal.setitimer`` + SIGALRM (sync actor methods run on the worker's main thread, where
@@ -37,7 +36,14 @@ from dataclasses import dataclass
 import ray
 
 from visualthinker_ray.config import Config, RewardConfig
-from visualthinker_ray.rewards import RewardFn, reward_fns_from_config, score_completion, self_reflection
+from visualthinker_ray.ray_calls import split_evenly
+from visualthinker_ray.rewards import (
+    RewardFn,
+    builtin_rewards,
+    reward_fns_from_config,
+    score_completion,
+    self_reflection,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,16 +115,6 @@ def failed_result(item: dict, reward_names: Sequence[str], timed_out: bool, erro
 # ---------------------------------------------------------------------------------------------
 
 
-def split_chunks(n_items: int, n_chunks: int) -> list[range]:
-    """Contiguous, non-empty index ranges of near-equal size (at most ``n_chunks`` of them)."""
-    n_chunks = max(1, min(n_chunks, n_items))
-    size, extra = divmod(n_items, n_chunks)
-    bounds = [0]
-    for i in range(n_chunks):
-        bounds.append(bounds[-1] + size + (i < extra))
-    return [range(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
-
-
 def hard_deadline(n_items: int, n_rewards: int, timeout_s: float, slack_s: float) -> float:
     """Seconds a call grading ``n_items`` may take before the actor counts as hung."""
     return n_items * n_rewards * timeout_s + slack_s
@@ -173,7 +169,7 @@ class RewardPool:
         self, cfg: Config, num_cpus: float = 1, slack_s: float = 10.0, startup_timeout_s: float = 120.0
     ):
         self.timeout_s = cfg.reward.timeout_s
-        self.reward_names = ["format", "accuracy", *(p.name for p in cfg.reward.plugins)]
+        self.reward_names = [*builtin_rewards(), *(p.name for p in cfg.reward.plugins)]
         self.slack_s = slack_s
         self.startup_timeout_s = startup_timeout_s
         resource = cfg.resources.reward_resource
@@ -236,7 +232,7 @@ class RewardPool:
     def grade(self, items: Sequence[dict]) -> PoolResult:
         """Grade ``items`` across the actors; results in input order, never a hang."""
         items = list(items)
-        chunks = [items[c.start : c.stop] for c in split_chunks(len(items), len(self.actors))]
+        chunks = [c for c in split_evenly(items, len(self.actors)) if c]
         restarts = self._ready(range(len(chunks)))
         start = time.monotonic()
         refs = [self.actors[i].grade.remote(chunk) for i, chunk in enumerate(chunks)]

@@ -5,7 +5,7 @@ model wrote after the prompt, and the prompt ends in ``<think>``, so the complet
 thinking block.
 
 The graders are pure, stdlib-only, never raise (a non-str input scores 0.0) and run in linear time:
-a hung grader stalls a whole training step (PITFALLS.md, Graders), so nothing here uses a regex that
+a hung grader stalls a whole training step, so nothing here uses a regex that
 can backtrack quadratically, and loops only walk over disjoint stretches of the input.
 
 There is no symbolic math verification: the spatial answers (SAT, CV-Bench) are option texts such
@@ -18,12 +18,11 @@ import importlib
 import math
 import numbers
 import re
-import string
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-LETTERS = string.ascii_uppercase
+from visualthinker_ray.data.records import LETTERS  # stdlib-only, like this module
 
 _THINK_CLOSE = "</think>"
 _ANSWER_OPEN = "<answer>"

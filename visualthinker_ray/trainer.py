@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections import deque
 from contextlib import contextmanager
@@ -30,6 +29,7 @@ from visualthinker_ray.data.order import DataOrder
 from visualthinker_ray.data.records import PromptRecord
 from visualthinker_ray.grpo import group_advantages
 from visualthinker_ray.metrics import rollout_metrics
+from visualthinker_ray.ray_calls import connect_ray
 from visualthinker_ray.rollout.engine import Completion, SamplingSpec
 
 log = logging.getLogger(__name__)
@@ -44,29 +44,6 @@ class PhaseTimer:
         t0 = time.perf_counter()
         yield
         self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
-
-
-def connect_ray(cfg: Config) -> None:
-    """Join the cluster under `ray job submit` (RAY_ADDRESS) or resources.ray_address; else start one."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        log.info("joined the Ray cluster at %s", address)
-    else:
-        # Logical CPUs for every actor the config asks for (oversubscribed on a small machine: the
-        # actors share the cores), so nothing waits forever for a CPU that does not exist.
-        wanted = cfg.rollout.num_workers + cfg.learner.num_workers + cfg.reward.num_workers + 1
-        ray.init(
-            num_cpus=max(os.cpu_count() or 1, wanted),
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            log_to_driver=True,
-        )
-        log.info("started a local Ray instance (%s CPUs)", ray.cluster_resources().get("CPU"))
 
 
 def split_by_signal(records: list[PromptRecord], completions: list[Completion], scores: list[dict], g: int):

@@ -30,11 +30,9 @@ from pathlib import Path
 
 import torch
 
+from visualthinker_ray.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from visualthinker_ray.data.records import PromptRecord
 from visualthinker_ray.data.sat import join_options, lettered_variant
-
-DEFAULT_MIN_PIXELS = 28 * 28 * 4
-DEFAULT_MAX_PIXELS = 28 * 28 * 16
 
 # Opening sentences per SAT question type. They name what to look at (question words, mostly words
 # the tiny tokenizer knows, so they stay a few tokens long) and never the answer. No self-reflection

@@ -1,4 +1,4 @@
-"""CV-Bench (HF `nyu-visionx/CV-Bench`, split test) as prompt records for evaluation (RECIPE.md):
+"""CV-Bench (HF `nyu-visionx/CV-Bench`, split test) as prompt records for evaluation (the reference recipe):
 question = the lettered `prompt`, gold = the text of the choice the `answer` letter names.
 
 Two local layouts: test_2d.parquet + test_3d.parquet (the current hub files) or one test.parquet

@@ -14,7 +14,7 @@ from visualthinker_ray.data.records import PromptRecord
 
 VISION_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
 
-# RECIPE.md, verbatim: note the space after {question} and that the prompt ENDS with "<think>",
+# The reference prompt, verbatim: note the space after {question} and that the prompt ENDS with "<think>",
 # so the completion starts inside the thinking block.
 BASE_TEMPLATE = (
     "A conversation between User and Assistant. The user asks a question about the image, and the Assistant "

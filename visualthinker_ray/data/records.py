@@ -1,4 +1,4 @@
-"""The prompt record: the plain-data unit that crosses every Ray boundary (DESIGN.md).
+"""The prompt record: the plain-data unit that crosses every Ray boundary.
 
 Images stay encoded (PNG/JPEG bytes) until a worker needs pixels, so a large data set never sits
 decoded in host memory.

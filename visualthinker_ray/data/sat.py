@@ -1,4 +1,4 @@
-"""SAT (HF `array/SAT`) as prompt records, the way the reference run used it (RECIPE.md): the first
+"""SAT (HF `array/SAT`) as prompt records, the way the reference run used it: the first
 `limit` rows of a split, two-image rows skipped, options shuffled with a seed, gold = option TEXT.
 """
 

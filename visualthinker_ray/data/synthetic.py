@@ -1,6 +1,6 @@
 """Synthetic SAT- and CV-Bench-format data: scenes of coloured shapes rendered with PIL.
 
-The files are written with HF `datasets` in exactly the published column layouts (RECIPE.md), so the
+The files are written with HF `datasets` in exactly the published column layouts (those the reference run read), so the
 loaders, the trainer and the evaluator run end to end without the hub. Every function here is pure
 for the `random.Random` it is given; writers derive one generator per row from (seed, split, row),
 so a row does not change when the number of rows does.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ray
 
 from visualthinker_ray.data.records import PromptRecord
-from visualthinker_ray.ray_calls import wait_all
+from visualthinker_ray.ray_calls import split_evenly, wait_all
 from visualthinker_ray.rollout.engine import Completion, SamplingSpec
 from visualthinker_ray.rollout.worker import (
     CONCURRENCY_GROUPS,
@@ -30,7 +30,7 @@ class RolloutError(RuntimeError):
 
 def pool_args(cfg) -> dict:
     """RolloutPool's arguments from a Config."""
-    from visualthinker_ray.rollout.engine import engine_kwargs
+    from visualthinker_ray.rollout.factory import engine_kwargs
 
     r = cfg.rollout
     return dict(
@@ -170,14 +170,3 @@ class RolloutPool:
     def policy_versions(self) -> list[int]:
         refs = {f"worker {i}": w.policy_version.remote() for i, w in enumerate(self.workers)}
         return list(wait_all(refs, DRIVER_SLACK_S, "reading policy versions", WeightSyncError).values())
-
-
-def split_evenly(items: list, n: int) -> list[list]:
-    """`n` contiguous chunks whose sizes differ by at most one (concatenated, the original order)."""
-    q, r = divmod(len(items), n)
-    out, start = [], 0
-    for i in range(n):
-        end = start + q + (1 if i < r else 0)
-        out.append(items[start:end])
-        start = end
-    return out

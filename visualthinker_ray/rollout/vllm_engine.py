@@ -223,7 +223,7 @@ class VLLMEngine:
             return
 
         async def stop():
-            self.llm.shutdown()
+            self.llm.shutdown(timeout=2.0)  # then vLLM kills what is left
 
         try:
             self._run(stop(), 60)

@@ -22,7 +22,8 @@ import time
 import ray
 
 from visualthinker_ray.data.records import PromptRecord
-from visualthinker_ray.rollout.engine import SamplingSpec, make_engine
+from visualthinker_ray.rollout.engine import SamplingSpec
+from visualthinker_ray.rollout.factory import make_engine
 from visualthinker_ray.weight_sync import Bucket, Handshake, TensorMeta
 from visualthinker_ray.weight_sync.transport import SyncGroup, receive_buckets, receive_flat
 
