@@ -263,11 +263,13 @@ def main(argv: list[str] | None = None) -> int:
         for noisy in ("httpx", "datasets", "filelock"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     from visualthinker_ray.config import ConfigError
+    from visualthinker_ray.errors import InputError
 
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        # Expected user errors: the message says what to fix; no traceback unless --verbose.
+    except (ConfigError, FileNotFoundError, InputError) as e:
+        # Errors the user can fix: the message says what to do; no traceback unless --verbose.
+        # Anything else (a bug) keeps its traceback.
         if args.verbose:
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from visualthinker_ray.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from visualthinker_ray.errors import InputError
 
 # Special tokens of Qwen2-VL, in the order the tiny tokenizer gives them ids 0..N-1.
 SPECIAL_TOKENS = [
@@ -131,13 +132,13 @@ def tiny_model_config(
     vision tokens gets its lowest frequencies, theta^(-40/64) to theta^(-62/64) rad per position.
     """
     if rope_theta <= 1:
-        raise ValueError(f"rope_theta must be above 1, got {rope_theta}")
+        raise InputError(f"rope_theta must be above 1, got {rope_theta}")
     from transformers import Qwen2VLConfig
 
     head_dim = 64
     num_heads = hidden_size // head_dim
     if num_heads * head_dim != hidden_size:
-        raise ValueError(f"hidden_size {hidden_size} must be a multiple of {head_dim} (vLLM CPU head_dim)")
+        raise InputError(f"hidden_size {hidden_size} must be a multiple of {head_dim} (vLLM CPU head_dim)")
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     text_config = dict(
         vocab_size=len(tokenizer),
@@ -225,7 +226,7 @@ def make_tiny_model(
     `rope_theta`: the text M-RoPE base (`tiny_model_config`).
     """
     if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        raise InputError(f"init must be one of {INITS}, got {init!r}")
     from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
 
     out = Path(out_dir)

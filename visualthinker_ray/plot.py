@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from visualthinker_ray.errors import InputError
 from visualthinker_ray.tracking import read_scalars
 
 PANELS = [
@@ -35,7 +36,7 @@ def plot_run(log_dir: str | Path, out: str | Path, title: str | None = None) -> 
         raise FileNotFoundError(f"log folder {log_dir} does not exist (it is the run's logging.dir)")
     scalars = read_scalars(log_dir)
     if not scalars:
-        raise ValueError(f"no TensorBoard scalars under {log_dir}: is it a training run's logging.dir?")
+        raise InputError(f"no TensorBoard scalars under {log_dir}: is it a training run's logging.dir?")
     fig, axes = plt.subplots(2, 2, figsize=(13, 8))
     for ax, (panel, patterns) in zip(axes.flat, PANELS, strict=True):
         tags = _matching(scalars, patterns)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from visualthinker_ray.data.records import LETTERS  # stdlib-only, like this module
+from visualthinker_ray.errors import InputError
 
 _THINK_CLOSE = "</think>"
 _ANSWER_OPEN = "<answer>"
@@ -370,11 +371,11 @@ class RewardFn:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or self.name == "total":
-            raise ValueError(f"reward name must be a non-empty str other than 'total', got {self.name!r}")
+            raise InputError(f"reward name must be a non-empty str other than 'total', got {self.name!r}")
         if not callable(self.fn):
             raise TypeError(f"reward {self.name!r}: fn is not callable ({type(self.fn).__name__})")
         if not _is_finite_real(self.weight):
-            raise ValueError(f"reward {self.name!r}: weight must be a finite number, got {self.weight!r}")
+            raise InputError(f"reward {self.name!r}: weight must be a finite number, got {self.weight!r}")
 
 
 def builtin_rewards() -> dict[str, RewardFn]:
@@ -389,7 +390,7 @@ def load_reward_fn(spec: str) -> Callable:
     """Resolve "module:function" (e.g. "visualthinker_ray.rewards:format_reward") to a callable."""
     module_name, sep, attr = spec.partition(":") if isinstance(spec, str) else ("", "", "")
     if not sep or not module_name.strip() or not attr.strip() or ":" in attr:
-        raise ValueError(f"invalid reward spec {spec!r}: expected 'module:function'")
+        raise InputError(f"invalid reward spec {spec!r}: expected 'module:function'")
     module_name, attr = module_name.strip(), attr.strip()
     try:
         module = importlib.import_module(module_name)
@@ -427,7 +428,7 @@ def score_completion(
     total = 0.0
     for reward in reward_fns:
         if reward.name in scores:
-            raise ValueError(f"duplicate reward name {reward.name!r}")
+            raise InputError(f"duplicate reward name {reward.name!r}")
         value = reward.fn(completion, gold, choices)
         if not isinstance(value, numbers.Real):
             raise TypeError(f"reward {reward.name!r} returned {type(value).__name__}, expected a real number")

@@ -33,6 +33,7 @@ import torch
 from visualthinker_ray.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from visualthinker_ray.data.records import PromptRecord
 from visualthinker_ray.data.sat import join_options, lettered_variant
+from visualthinker_ray.errors import InputError
 
 # Opening sentences per SAT question type. They name what to look at (question words, mostly words
 # the tiny tokenizer knows, so they stay a few tokens long) and never the answer. No self-reflection
@@ -113,7 +114,7 @@ def target_completion(
     option sentence instead of the per-type opening sentence.
     """
     if not record.choices:
-        raise ValueError(f"record {record.id}: the warm-up needs multiple-choice records (no choices)")
+        raise InputError(f"record {record.id}: the warm-up needs multiple-choice records (no choices)")
     if grounding is None:
         reasoning = reasoning_text(record, rng)
     else:
@@ -304,13 +305,13 @@ def warmup(
     from visualthinker_ray.sequences import build_batch, encode_prompt
 
     if steps < 1 or batch_size < 1:
-        raise ValueError(f"steps and batch_size must be positive, got {steps} and {batch_size}")
+        raise InputError(f"steps and batch_size must be positive, got {steps} and {batch_size}")
     if not 0.0 <= lettered_fraction <= 1.0:
-        raise ValueError(f"lettered_fraction must be in [0, 1], got {lettered_fraction}")
+        raise InputError(f"lettered_fraction must be in [0, 1], got {lettered_fraction}")
     if reasoning not in REASONINGS:
-        raise ValueError(f"reasoning must be one of {REASONINGS}, got {reasoning!r}")
+        raise InputError(f"reasoning must be one of {REASONINGS}, got {reasoning!r}")
     if families is not None and reasoning != "grounded":
-        raise ValueError("question families narrow the grounded warm-up only: pass reasoning='grounded'")
+        raise InputError("question families narrow the grounded warm-up only: pass reasoning='grounded'")
     families = families or GroundedFamilies()
     settings = WarmupSettings(
         str(model_dir), str(data), str(out_dir), steps, lr, batch_size, seed, limit, warmup_steps,
@@ -320,7 +321,7 @@ def warmup(
     t_start = time.perf_counter()
     records = [r for r in load_sat(data, "train", limit=limit).records if r.choices]
     if not records:
-        raise ValueError(f"no multiple-choice training records in {data}")
+        raise InputError(f"no multiple-choice training records in {data}")
     processor = load_processor(str(model_dir), min_pixels, max_pixels)
     tokenizer = processor.tokenizer
     eos_id = tokenizer.eos_token_id
@@ -460,7 +461,7 @@ def format_and_accuracy(
 
     records = [r for r in load_sat(sat_source, split, limit=n_prompts).records if r.choices]
     if not records:
-        raise ValueError(f"no multiple-choice records in {sat_source} ({split})")
+        raise InputError(f"no multiple-choice records in {sat_source} ({split})")
     engine = HFEngine(str(model_dir), min_pixels, max_pixels, dtype="float32", device="cpu")
     fmt, acc, lengths, truncated, samples, is_option = [], [], [], 0, [], []
     mixed_groups = 0

@@ -14,6 +14,7 @@ from pathlib import Path
 from PIL import Image as PILImage
 
 from visualthinker_ray.data.records import PromptRecord
+from visualthinker_ray.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,9 @@ def load_parquet(path: str | Path, split: str = "train", cache_dir: str | None =
     try:
         rows = pq.ParquetFile(path).metadata.num_rows
     except Exception as e:  # not parquet at all: say which file, not the builder's internals
-        raise ValueError(f"{path} is not a readable parquet file ({e})") from e
+        raise InputError(f"{path} is not a readable parquet file ({e})") from e
     if rows == 0:  # `datasets` would say 'Instruction "train" corresponds to no data!'
-        raise ValueError(f"{path} has no rows; regenerate or remove it")
+        raise InputError(f"{path} has no rows; regenerate or remove it")
     return load_dataset("parquet", data_files={split: str(path)}, split=split, cache_dir=cache_dir)
 
 
@@ -84,7 +85,7 @@ def iter_encoded_rows(ds, limit: int | None = None, batch_size: int = 256) -> It
 def require_columns(ds, columns: tuple[str, ...], what: str) -> None:
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
-        raise ValueError(f"{what}: missing column(s) {missing}; found {ds.column_names}")
+        raise InputError(f"{what}: missing column(s) {missing}; found {ds.column_names}")
 
 
 def encoded_image(item: object, where: str) -> bytes:
@@ -146,5 +147,5 @@ class Tally:
             reason = r.first_error or (
                 f"all {r.rows_read} rows were two-image rows" if r.rows_read else "it has no rows"
             )
-            raise ValueError(f"{what}: no usable rows ({r.rows_read} read, skipped {r.skipped}); {reason}")
+            raise InputError(f"{what}: no usable rows ({r.rows_read} read, skipped {r.skipped}); {reason}")
         return r

@@ -9,13 +9,15 @@ from __future__ import annotations
 import math
 import random
 
+from visualthinker_ray.errors import InputError
+
 
 class DataOrder:
     def __init__(self, num_items: int, batch_size: int, seed: int = 0):
         if num_items < 1:
-            raise ValueError("the training set is empty")
+            raise InputError("the training set is empty")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
         self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
         self.epoch, self.position = 0, 0
 
@@ -48,7 +50,7 @@ class DataOrder:
 
     def load_state_dict(self, state: dict) -> None:
         if state["num_items"] != self.num_items or state["seed"] != self.seed:
-            raise ValueError(
+            raise InputError(
                 f"checkpoint data order was for {state['num_items']} items with seed {state['seed']}, but this run "
                 f"has {self.num_items} items with seed {self.seed}: resume with the same data and data.seed"
             )

@@ -11,6 +11,7 @@ import io
 from PIL import Image
 
 from visualthinker_ray.data.records import PromptRecord
+from visualthinker_ray.errors import InputError
 
 VISION_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
 
@@ -44,9 +45,9 @@ def build_prompt(record: PromptRecord, style: str = "base", processor=None) -> s
         return base_prompt(record.question, len(record.images))
     if style == "instruct":
         if processor is None:
-            raise ValueError("the instruct prompt style needs the checkpoint's processor (its chat template)")
+            raise InputError("the instruct prompt style needs the checkpoint's processor (its chat template)")
         return instruct_prompt(processor, record.question, len(record.images))
-    raise ValueError(f"unknown prompt style {style!r}; use 'base' or 'instruct'")
+    raise InputError(f"unknown prompt style {style!r}; use 'base' or 'instruct'")
 
 
 def load_images(record: PromptRecord, min_pixels: int, max_pixels: int) -> list[Image.Image]:
@@ -63,6 +64,6 @@ def load_images(record: PromptRecord, min_pixels: int, max_pixels: int) -> list[
             img = Image.open(io.BytesIO(data))
             img.load()
         except Exception as e:
-            raise ValueError(f"record {record.id}: image {i} cannot be decoded ({e})") from e
+            raise InputError(f"record {record.id}: image {i} cannot be decoded ({e})") from e
         images.append(fetch_image({"image": img, "min_pixels": min_pixels, "max_pixels": max_pixels}))
     return images

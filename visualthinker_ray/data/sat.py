@@ -24,6 +24,7 @@ from visualthinker_ray.data.loading import (
     text_field,
 )
 from visualthinker_ray.data.records import PromptRecord
+from visualthinker_ray.errors import InputError
 
 SAT_HUB_ID = "array/SAT"
 SAT_COLUMNS = ("image_bytes", "question", "answers", "question_type", "correct_answer")
@@ -150,7 +151,7 @@ def with_lettered(records: list[PromptRecord], fraction: float, seed: int) -> li
     """Each record shown the CV-Bench way (lettered_variant) with probability `fraction`, drawn per
     record from `seed` (the same records for the same seed); 0 leaves the list as it is."""
     if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"data.lettered_fraction must be in [0, 1], got {fraction}")
+        raise InputError(f"data.lettered_fraction must be in [0, 1], got {fraction}")
     if fraction == 0.0:
         return records
     rng = random.Random(f"lettered:{seed}")

@@ -24,6 +24,8 @@ from pathlib import Path
 from PIL import Image as PILImage
 from PIL import ImageDraw
 
+from visualthinker_ray.errors import InputError
+
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "blue": (30, 70, 220),
@@ -138,7 +140,7 @@ def _place(
 
 def _scene(rng: random.Random, image_size: int, kinds: list[tuple[str, str]]) -> Scene:
     if image_size < MIN_IMAGE_SIZE:
-        raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE} px, got {image_size}")
+        raise InputError(f"image_size must be at least {MIN_IMAGE_SIZE} px, got {image_size}")
     background = rng.choice(BACKGROUNDS)
     for _ in range(_MAX_TRIES):
         objects = _place(rng, image_size, kinds)
@@ -475,7 +477,7 @@ def make_question(
     if qtype == MOTION_TYPE:
         return make_motion_question(rng, image_size)
     known = SELECTABLE_QUESTION_TYPES + (MOTION_TYPE,)
-    raise ValueError(f"unknown question_type {qtype!r}; expected one of {known}")
+    raise InputError(f"unknown question_type {qtype!r}; expected one of {known}")
 
 
 def make_cvbench_question(
@@ -492,7 +494,7 @@ def make_cvbench_question(
     elif task == "Distance":
         q = _distance_question(rng, image_size)
     else:
-        raise ValueError(f"unknown CV-Bench task {task!r}")
+        raise InputError(f"unknown CV-Bench task {task!r}")
     return replace(q, question_type=task)
 
 
@@ -562,7 +564,7 @@ def sat_row(q: SyntheticQuestion) -> dict:
 
 def check_subset(given: tuple[str, ...] | list[str] | None, known: tuple[str, ...], what: str) -> None:
     if given is not None and (not given or any(g not in known for g in given)):
-        raise ValueError(f"{what} must be a non-empty subset of {list(known)}, got {list(given)}")
+        raise InputError(f"{what} must be a non-empty subset of {list(known)}, got {list(given)}")
 
 
 def sat_columns(
@@ -683,11 +685,11 @@ def write_cvbench(
     layout) or one test.parquet ("single", the older layout). idx runs 0..n-1, 2D rows first.
     `tasks`: only these CV-Bench tasks (default: all four, balanced)."""
     if layout not in ("split", "single"):
-        raise ValueError(f"layout must be 'split' or 'single', got {layout!r}")
+        raise InputError(f"layout must be 'split' or 'single', got {layout!r}")
     check_subset(tasks, CVBENCH_2D_TASKS + CVBENCH_3D_TASKS, "tasks")
     tasks_2d, sources_2d, tasks_3d, sources_3d = _cvbench_plan(n, tasks)
     if layout == "split" and not (tasks_2d and tasks_3d):  # an empty parquet cannot be loaded
-        raise ValueError(
+        raise InputError(
             f"the split CV-Bench layout needs 2D and 3D rows (got {len(tasks_2d)} and {len(tasks_3d)}); "
             "use layout='single' for fewer rows or tasks of one kind"
         )

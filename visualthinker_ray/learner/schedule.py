@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from visualthinker_ray.errors import InputError
+
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int = 0, kind: str = "linear") -> float:
     """Multiplier of the base learning rate at optimizer step `step` (0-based).
@@ -12,7 +14,7 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int = 0, kind: str = "l
     `total_steps`, or cosine decay to 0 at `total_steps`.
     """
     if kind not in ("constant", "linear", "cosine"):
-        raise ValueError(f"unknown lr schedule {kind!r}; use constant, linear or cosine")
+        raise InputError(f"unknown lr schedule {kind!r}; use constant, linear or cosine")
     if step < warmup_steps:
         return (step + 1) / (warmup_steps + 1)
     if kind == "constant":

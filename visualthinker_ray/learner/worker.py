@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from visualthinker_ray.batches import TrainItem
 from visualthinker_ray.config import Config
+from visualthinker_ray.errors import InputError
 from visualthinker_ray.grpo import masked_mean, mismatch_stats, policy_loss
 from visualthinker_ray.learner.schedule import lr_factor
 from visualthinker_ray.models import banned_token_ids, load_model, load_processor, resolve_dtype
@@ -442,7 +443,7 @@ def pin_process(cores: list[int]) -> None:
     the learner then stays off the core vLLM's CPU worker binds its OpenMP threads to."""
     available = os.sched_getaffinity(0)
     if not set(cores) <= available:
-        raise ValueError(
+        raise InputError(
             f"learner.cpu_affinity={cores} names cores this process may not use (allowed: {sorted(available)})"
         )
     for tid in os.listdir("/proc/self/task"):

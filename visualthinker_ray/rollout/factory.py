@@ -3,6 +3,7 @@ engines import, so that neither engine module imports the other's)."""
 
 from __future__ import annotations
 
+from visualthinker_ray.errors import InputError
 from visualthinker_ray.rollout.engine import Engine
 
 
@@ -32,4 +33,4 @@ def make_engine(kind: str, model_path: str, **kwargs) -> Engine:
         from visualthinker_ray.rollout.hf_engine import HFEngine
 
         return HFEngine(model_path, **kwargs)
-    raise ValueError(f"unknown rollout engine {kind!r}; use 'vllm' or 'hf'")
+    raise InputError(f"unknown rollout engine {kind!r}; use 'vllm' or 'hf'")

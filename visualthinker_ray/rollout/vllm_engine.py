@@ -36,6 +36,7 @@ import torch
 
 from visualthinker_ray.data.prompts import build_prompt, load_images
 from visualthinker_ray.data.records import PromptRecord
+from visualthinker_ray.errors import InputError
 from visualthinker_ray.models import VISION_SPECIAL_TOKENS, load_processor
 from visualthinker_ray.rollout.engine import Completion, SamplingSpec, prompt_seed
 from visualthinker_ray.weight_sync import Handshake, TensorMeta, check_update, params_digest, vllm_receiver
@@ -83,7 +84,7 @@ def cpu_thread_binds(tensor_parallel_size: int, cores: int) -> str:
     per worker ('0|1' for 2 workers on 2 cores). Without it vLLM's CPU build fails to start
     ("Not enough allowed NUMA nodes to bind threads of 2 local CPUWorkers")."""
     if tensor_parallel_size > cores:
-        raise ValueError(
+        raise InputError(
             f"rollout.tensor_parallel_size={tensor_parallel_size} needs at least that many CPU cores "
             f"on the CPU build of vLLM (this machine has {cores})"
         )
