@@ -71,3 +71,18 @@ def test_eval_command_writes_per_task_results(tiny_model_dir, synthetic_dir, tmp
     expected = sum(r["correct"] for r in result["rows"]) / 12
     assert result["scalars"]["accuracy/overall"] == pytest.approx(expected)
     assert "accuracy/overall" in capsys.readouterr().out
+
+
+def test_format_progress_lists_every_evaluation_and_the_overall_change():
+    from visualthinker_ray.evaluate import format_progress
+
+    evals = [
+        (0, {"accuracy/overall": 0.5, "accuracy/Depth": 0.5, "accuracy/Count": 0.25}),
+        (120, {"accuracy/overall": 0.75, "accuracy/Depth": 0.875}),
+    ]
+    lines = format_progress(evals).splitlines()
+    assert lines[1].split() == ["step", "overall", "Count", "Depth"]
+    assert lines[2].split() == ["0", "0.500", "0.250", "0.500"]
+    assert lines[3].split() == ["120", "0.750", "-", "0.875"]  # a task missing at a step shows as '-'
+    assert lines[-1] == "step 0 -> 120: +25.0 points overall"
+    assert "no held-out evaluation" in format_progress([])

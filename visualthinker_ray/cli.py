@@ -81,7 +81,25 @@ def cmd_train(args) -> int:
         trainer.fit()
     finally:
         trainer.shutdown()
+    _report_run(trainer)
     return 0
+
+
+def _report_run(trainer) -> None:
+    """What a finished run shows: the held-out accuracy table and a PNG of its curves."""
+    from visualthinker_ray.evaluate import format_progress
+    from visualthinker_ray.plot import plot_run
+
+    print(format_progress(trainer.evaluations))
+    try:
+        png = plot_run(trainer.log_dir, trainer.log_dir / "training.png")
+        print(f"curves: {png}")
+    except Exception as e:  # the run itself is done and saved: a plot failure must not fail it
+        log.warning(
+            "could not plot the run's curves (%s); try: python -m visualthinker_ray plot --logdir %s",
+            e,
+            trainer.log_dir,
+        )
 
 
 def cmd_eval(args) -> int:

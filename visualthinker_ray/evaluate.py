@@ -77,6 +77,26 @@ def evaluate_records(rollout_pool, records: list[PromptRecord], cfg: Config) -> 
     return {"scalars": score_rows(rows), "rows": rows}
 
 
+def format_progress(evaluations: list[tuple[int, dict[str, float]]]) -> str:
+    """The held-out accuracy at each evaluated step (overall, then per task) as a small table, with
+    the change from the first evaluation to the last."""
+    if not evaluations:
+        return "no held-out evaluation was run (eval.at_start / eval.every / eval.at_end)"
+    tasks = sorted(
+        {k for _, s in evaluations for k in s if k.startswith("accuracy/") and k != "accuracy/overall"}
+    )
+    cols = ["accuracy/overall", *tasks]
+    names = [c.split("/", 1)[1] for c in cols]
+    lines = ["held-out accuracy", f"{'step':>6}" + "".join(f"{n:>10}" for n in names)]
+    for step, s in evaluations:
+        lines.append(f"{step:>6}" + "".join(f"{s[c]:>10.3f}" if c in s else f"{'-':>10}" for c in cols))
+    (first, a), (last, b) = evaluations[0], evaluations[-1]
+    if len(evaluations) > 1 and "accuracy/overall" in a and "accuracy/overall" in b:
+        delta = 100 * (b["accuracy/overall"] - a["accuracy/overall"])
+        lines.append(f"step {first} -> {last}: {delta:+.1f} points overall")
+    return "\n".join(lines)
+
+
 def format_report(scalars: dict[str, float], n: int) -> str:
     lines = [f"CV-Bench evaluation over {n} rows", f"{'metric':<32}{'value':>8}", "-" * 40]
     lines += [f"{k:<32}{v:>8.2%}" for k, v in scalars.items()]

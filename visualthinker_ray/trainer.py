@@ -89,6 +89,7 @@ class Trainer:
 
         self.cfg = cfg
         alg = cfg.algorithm
+        self.evaluations: list[tuple[int, dict[str, float]]] = []  # (step, held-out scalars), this process
         self.log_dir = Path(cfg.logging.dir)
         self.ckpt_dir = Path(cfg.checkpoint.dir or self.log_dir / "checkpoints")
         resume_from = checkpoint.latest(self.ckpt_dir) if resume else None
@@ -377,6 +378,7 @@ class Trainer:
         records = load_eval_records(self.cfg)
         result = evaluate_records(self.rollout, records, self.cfg)
         scalars = result["scalars"]
+        self.evaluations.append((self.step, scalars))
         self.tracker.log_scalars(self.step, {f"eval/{k}": v for k, v in scalars.items()})
         log.info(
             "held-out evaluation at step %d: accuracy %.3f on %d rows",
