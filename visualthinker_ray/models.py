@@ -189,7 +189,7 @@ def fan_in_init_(model: torch.nn.Module) -> torch.nn.Module:
     then shrinks its input several-fold: at init the image barely moves the next-token distribution
     (mean total variation between images 0.008, against 0.049 with this init), and even "what
     colour is the one object?" stays at guessing for 800 supervised steps, where this init learns it
-    (bench/bench_init.py). Embeddings count the hidden size as their fan-in; `lm_head` shares
+    (docs/experiments/bench_init.py). Embeddings count the hidden size as their fan-in; `lm_head` shares
     their tensor (tied), with the same fan-in, so both see one N(0, 1/hidden) draw.
     """
     for module in model.modules():

@@ -122,7 +122,7 @@ def target_completion(
             options=join_options(record.choices)
         )
     answer = rng.choice(record.choices)  # drawn even with `gold`: both runs then see the same texts
-    if gold:  # the supervised upper bound (bench/probe_learnability.py), never the RL start
+    if gold:  # the supervised upper bound (docs/experiments/probe_learnability.py), never the RL start
         answer = record.gold
     # A space before the option: the tiny BPE only knows the option words with a leading space
     # (" purple", as the question shows them); "<answer>purple" splits into "p|ur|ple", which a tiny

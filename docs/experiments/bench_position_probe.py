@@ -1,6 +1,6 @@
 """Can the tiny model see WHERE an object is? Gold answers on one-object scenes.
 
-Run: .venv/bin/python bench/bench_position_probe.py [--steps 800] [--probes color side]
+Run: .venv/bin/python docs/experiments/bench_position_probe.py [--steps 800] [--probes color side]
      [--variants default theta10 gradient]
 
 Two probes, each one object in a 112 px scene, asked with the exact SAT training prompt:

@@ -1,6 +1,6 @@
 """Can the tiny model learn the synthetic task at all? The diagnostic behind issue 6's finding.
 
-Run: .venv/bin/python bench/probe_learnability.py [--model artifacts/tiny-model]
+Run: .venv/bin/python docs/experiments/probe_learnability.py [--model artifacts/tiny-model]
      [--data artifacts/data/SAT] [--steps 500] [--out artifacts/probe-learnability]
 
 GRPO can only reinforce what the policy can represent. This trains the same tiny model twice with

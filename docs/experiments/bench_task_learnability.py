@@ -1,6 +1,6 @@
 """Which held-out task families can the tiny model learn at all? Gold answers, per CV-Bench task.
 
-Run: .venv/bin/python bench/bench_task_learnability.py [--steps 1500] [--tasks Depth Count ...]
+Run: .venv/bin/python docs/experiments/bench_task_learnability.py [--steps 1500] [--tasks Depth Count ...]
      [--variants default one_token]
 
 For each CV-Bench task of the synthetic held-out set (Count, Relation, Depth, Distance), a fresh

@@ -1,6 +1,6 @@
 """Does the grounded warm-up teach the tiny model to SEE? Per-field accuracy of what it says.
 
-Run: .venv/bin/python bench/bench_grounded_warmup.py [--steps 10000] [--lr 1e-3] [--eval-every 500]
+Run: .venv/bin/python docs/experiments/bench_grounded_warmup.py [--steps 10000] [--lr 1e-3] [--eval-every 500]
      [--rope-theta 10] [--init fan_in] [--out artifacts/bench-grounded]
 
 `warmup --reasoning grounded` (the project's own function, fresh synthetic questions every step)

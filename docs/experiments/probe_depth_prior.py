@@ -1,6 +1,6 @@
 """Does a Depth gain come from the image or from a text prior? Real vs shuffled images.
 
-Run: .venv/bin/python bench/probe_depth_prior.py --model RUN/final_hf --data DATA/CV-Bench
+Run: .venv/bin/python docs/experiments/probe_depth_prior.py --model RUN/final_hf --data DATA/CV-Bench
      [--results bench/results/depth_prior.json]
 
 In the synthetic CV-Bench Depth questions ("which is closer to the camera, the A or the B?") the

@@ -1,6 +1,6 @@
 """How fast can the tiny model learn to see? HF init vs fan-in init (make-tiny-model --init).
 
-Run: .venv/bin/python bench/bench_init.py [--steps 800] [--seed 0]
+Run: .venv/bin/python docs/experiments/bench_init.py [--steps 800] [--seed 0]
 
 The simplest perception readout there is: one object on a plain background, "What color is the
 object?" with three colour options, in the exact SAT training prompt (R1-Zero template, 112 px
