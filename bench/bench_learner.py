@@ -24,10 +24,11 @@ import ray
 from visualthinker_ray.batches import TrainItem
 from visualthinker_ray.config import load_config
 from visualthinker_ray.data.sat import load_sat
-from visualthinker_ray.data.synthetic import make_synthetic
 from visualthinker_ray.learner.group import LearnerGroup
-from visualthinker_ray.models import VISION_SPECIAL_TOKENS, load_processor, make_tiny_model
+from visualthinker_ray.models import VISION_SPECIAL_TOKENS, load_processor
 from visualthinker_ray.sequences import encode_prompt
+from visualthinker_ray.toy.synthetic import make_synthetic
+from visualthinker_ray.toy.tiny_model import make_tiny_model
 
 
 def make_items(model_dir, data_dir, prompts, group, tokens, cfg):

@@ -38,8 +38,8 @@ import ray
 
 from visualthinker_ray import trainer as trainer_module
 from visualthinker_ray.config import load_config
-from visualthinker_ray.data.synthetic import make_synthetic
-from visualthinker_ray.models import make_tiny_model
+from visualthinker_ray.toy.synthetic import make_synthetic
+from visualthinker_ray.toy.tiny_model import make_tiny_model
 
 PHASES = ("generate", "grade", "update", "sync")
 

@@ -46,7 +46,7 @@ data_cmd="$PY -m $M make-synthetic --out $ROOT/data --train 4096 --test 256 --se
 warm_cmd="$PY -m $M warmup --model $ROOT/tiny-model --data $ROOT/data/SAT --out $ROOT/warm-model --reasoning grounded --steps 10000 --lr 1e-3 --log-every 500 --max-new-tokens 96 ${WARMUP_ARGS:-}"
 
 # shellcheck disable=SC2086  # the commands are word-split on purpose
-build "$ROOT/data" "$(key "$data_cmd" $M/data/synthetic.py)" $data_cmd
+build "$ROOT/data" "$(key "$data_cmd" $M/toy/synthetic.py $M/data/cvbench.py)" $data_cmd
 
 if [[ ${START_MODEL:-shipped} != rebuild ]]; then
     START=${START_MODEL_DIR:-start_models/tiny-depth-v1}
@@ -60,10 +60,10 @@ if [[ ${START_MODEL:-shipped} != rebuild ]]; then
     exit 0
 fi
 # shellcheck disable=SC2086
-build "$ROOT/tiny-model" "$(key "$model_cmd" $M/models.py)" $model_cmd
+build "$ROOT/tiny-model" "$(key "$model_cmd" $M/toy/tiny_model.py)" $model_cmd
 # The stand-in for a pretrained base model: a supervised warm-up that teaches the R1-Zero format,
 # with reasoning that says where the asked-about objects are and how big, and a RANDOM answer (it
 # writes well-formed completions and answers at chance).
-warm_key=$(key "$warm_cmd" $M/warmup.py $M/sequences.py $M/data/*.py "$ROOT/tiny-model/.stamp" "$ROOT/data/.stamp")
+warm_key=$(key "$warm_cmd" $M/toy/warmup.py $M/toy/synthetic.py $M/sequences.py $M/data/*.py "$ROOT/tiny-model/.stamp" "$ROOT/data/.stamp")
 # shellcheck disable=SC2086
 build "$ROOT/warm-model" "$warm_key" $warm_cmd

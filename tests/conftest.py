@@ -17,14 +17,14 @@ MAX_PIXELS = 28 * 28 * 16
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from visualthinker_ray.models import make_tiny_model
+    from visualthinker_ray.toy.tiny_model import make_tiny_model
 
     return str(make_tiny_model(tmp_path_factory.mktemp("tiny-model"), seed=0))
 
 
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory):
-    from visualthinker_ray.data.synthetic import make_synthetic
+    from visualthinker_ray.toy.synthetic import make_synthetic
 
     out = tmp_path_factory.mktemp("synthetic")
     make_synthetic(out, n_train=48, n_test=24, seed=0)

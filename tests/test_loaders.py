@@ -11,10 +11,10 @@ import pytest
 from datasets import Dataset
 from PIL import Image as PILImage
 
-from visualthinker_ray.data import synthetic as syn
-from visualthinker_ray.data.cvbench import answer_index, load_cvbench
+from visualthinker_ray.data.cvbench import answer_index, cvbench_prompt, load_cvbench
 from visualthinker_ray.data.loading import LoadResult, is_hub_id
 from visualthinker_ray.data.sat import format_sat_question, join_options, load_sat
+from visualthinker_ray.toy import synthetic as syn
 
 N_TRAIN, N_TEST = 60, 16
 TWO_IMAGE_ROWS = (3, 23, 43)  # the synthetic writer's two-image train rows (one in 20)
@@ -311,7 +311,7 @@ def test_cvbench_bad_rows_are_skipped_and_an_all_bad_file_raises(tmp_path, cache
         "question": q.question,
         "choices": list(q.answers),
         "answer": f"({'AB'[q.answers.index(q.correct_answer)]})",
-        "prompt": syn.cvbench_prompt(q.question, q.answers),
+        "prompt": cvbench_prompt(q.question, q.answers),
         "source": "Omni3D",
     }
     bad = [

@@ -8,13 +8,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.conftest import MAX_PIXELS, MIN_PIXELS
-from visualthinker_ray.models import (
-    VISION_SPECIAL_TOKENS,
-    banned_token_ids,
-    load_model,
-    load_processor,
-    make_tiny_model,
-)
+from visualthinker_ray.models import VISION_SPECIAL_TOKENS, banned_token_ids, load_model, load_processor
+from visualthinker_ray.toy.tiny_model import make_tiny_model
 
 
 def test_tiny_model_is_small_and_complete(tiny_model_dir):
@@ -103,7 +98,7 @@ def test_rope_theta_sets_the_text_rotary_frequencies(tmp_path):
 
 
 def test_fan_in_init_draws_each_weight_with_std_one_over_sqrt_fan_in():
-    from visualthinker_ray.models import fan_in_init_
+    from visualthinker_ray.toy.tiny_model import fan_in_init_
 
     torch.manual_seed(0)
     net = torch.nn.ModuleDict(
@@ -127,7 +122,7 @@ def test_fan_in_init_draws_each_weight_with_std_one_over_sqrt_fan_in():
 
 def _image_sensitivity(model_dir):
     """Mean total-variation distance between next-token distributions for different images."""
-    from visualthinker_ray.data.synthetic import make_one_object_color_question, render_scene
+    from visualthinker_ray.toy.synthetic import make_one_object_color_question, render_scene
 
     proc = load_processor(model_dir, MIN_PIXELS, MAX_PIXELS)
     images = [render_scene(make_one_object_color_question(random.Random(i)).scenes[0]) for i in range(8)]
@@ -156,7 +151,7 @@ def test_fan_in_tiny_model_lets_the_image_move_its_predictions(tmp_path, tiny_mo
 def test_merge_size_sets_how_many_patches_one_vision_token_concatenates():
     from transformers import Qwen2VLForConditionalGeneration
 
-    from visualthinker_ray.models import build_processor, build_tiny_tokenizer, tiny_model_config
+    from visualthinker_ray.toy.tiny_model import build_processor, build_tiny_tokenizer, tiny_model_config
 
     tok = build_tiny_tokenizer()
     image = Image.new("RGB", (112, 112), (200, 30, 30))  # 8 x 8 patches of 14 px

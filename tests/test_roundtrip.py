@@ -114,7 +114,7 @@ def test_vllm_uses_the_saved_rope_theta(tmp_path, records):
     forward at theta 10 and not the same weights at Qwen2-VL's 1e6 (measured: 2.6e-6 vs 3.3)."""
     from transformers import AutoConfig, Qwen2VLForConditionalGeneration
 
-    from visualthinker_ray.models import make_tiny_model
+    from visualthinker_ray.toy.tiny_model import make_tiny_model
 
     out = str(make_tiny_model(tmp_path / "theta10", seed=0, init="fan_in", rope_theta=10.0))
     engine = make_engine("vllm", out, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)

@@ -12,9 +12,9 @@ from datasets import Features, Image, Sequence, Value, load_dataset
 from PIL import Image as PILImage
 
 from visualthinker_ray.cli import main as cli_main
-from visualthinker_ray.data import synthetic as syn
 from visualthinker_ray.data.cvbench import load_cvbench
 from visualthinker_ray.data.sat import load_sat
+from visualthinker_ray.toy import synthetic as syn
 
 # The published columns, written out here independently of the generator.
 SAT_FEATURES = Features(

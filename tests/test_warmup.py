@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from visualthinker_ray import warmup as wu
 from visualthinker_ray.data.records import PromptRecord
 from visualthinker_ray.data.sat import load_sat
 from visualthinker_ray.rewards import accuracy_reward, extract_answer, format_reward, self_reflection
+from visualthinker_ray.toy import warmup as wu
 
 # Measured (tests/test_warmup.py settings, 2 shared CPU cores): format 0.95-1.0 after the short
 # warm-up; the thresholds keep a margin for other seeds / torch builds.
@@ -143,7 +143,7 @@ def test_grounded_examples_show_their_question_and_say_where_its_objects_are():
 
     from PIL import Image
 
-    from visualthinker_ray.data.synthetic import QUESTION_TYPES
+    from visualthinker_ray.toy.synthetic import QUESTION_TYPES
 
     rng = random.Random(11)
     pairs = [wu.grounded_example(rng, 96, i) for i in range(400)]

@@ -21,7 +21,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_make_tiny_model(args) -> int:
-    from visualthinker_ray.models import make_tiny_model
+    from visualthinker_ray.toy.tiny_model import make_tiny_model
 
     t0 = time.time()
     out = make_tiny_model(
@@ -42,7 +42,7 @@ def cmd_make_tiny_model(args) -> int:
 
 
 def cmd_make_synthetic(args) -> int:
-    from visualthinker_ray.data.synthetic import make_synthetic
+    from visualthinker_ray.toy.synthetic import make_synthetic
 
     make_synthetic(
         args.out, n_train=args.train, n_test=args.test, seed=args.seed, image_size=args.image_size,
@@ -114,7 +114,7 @@ def cmd_eval(args) -> int:
 def cmd_warmup(args) -> int:
     import json
 
-    from visualthinker_ray.warmup import GroundedFamilies, format_and_accuracy, warmup
+    from visualthinker_ray.toy.warmup import GroundedFamilies, format_and_accuracy, warmup
 
     families = None
     if args.question_types or args.cvbench_tasks or args.same_shape_sizes:
@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-width", type=int, default=32, help="vision embedding width (a multiple of 16)")
     p.add_argument(
         "--init",
-        choices=("hf", "fan_in"),  # models.INITS (not imported here: torch is slow to import)
+        choices=("hf", "fan_in"),  # toy.tiny_model.INITS (not imported here: torch is slow to import)
         default="hf",
         help="weight init: hf (std 0.02) or fan_in (std 1/sqrt(fan_in); image features reach the LM)",
     )
@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", type=int, default=128, help="CV-Bench rows (and SAT val/test rows)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=112, help="square image side in pixels")
-    from visualthinker_ray.data.synthetic import add_family_options  # PIL only: cheap at start-up
+    from visualthinker_ray.toy.synthetic import add_family_options  # PIL only: cheap at start-up
 
     add_family_options(p)
     p.set_defaults(func=cmd_make_synthetic)

@@ -30,10 +30,11 @@ from pathlib import Path
 
 import torch
 
-from visualthinker_ray.data.synthetic import make_synthetic
-from visualthinker_ray.models import load_processor, make_tiny_model
+from visualthinker_ray.models import load_processor
 from visualthinker_ray.sequences import build_batch, encode_prompt
-from visualthinker_ray.warmup import grounded_batch, warmup
+from visualthinker_ray.toy.synthetic import make_synthetic
+from visualthinker_ray.toy.tiny_model import make_tiny_model
+from visualthinker_ray.toy.warmup import grounded_batch, warmup
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 112

@@ -24,8 +24,9 @@ from gold_training import train_curve, write_results  # bench/ is on sys.path wh
 
 from visualthinker_ray.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from visualthinker_ray.data.sat import sat_record
-from visualthinker_ray.data.synthetic import make_one_object_color_question, sat_row
-from visualthinker_ray.models import INITS, load_model, load_processor, make_tiny_model
+from visualthinker_ray.models import load_model, load_processor
+from visualthinker_ray.toy.synthetic import make_one_object_color_question, sat_row
+from visualthinker_ray.toy.tiny_model import INITS, make_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 WINDOW = 100

@@ -35,12 +35,17 @@ from gold_training import background_png, print_table, train_and_score, write_re
 from transformers import Qwen2VLForConditionalGeneration
 
 from visualthinker_ray.data.sat import sat_record
-from visualthinker_ray.data.synthetic import (
+from visualthinker_ray.toy.synthetic import (
     SyntheticQuestion,
     make_one_object_color_question,
     sat_row,
 )
-from visualthinker_ray.models import build_processor, build_tiny_tokenizer, fan_in_init_, tiny_model_config
+from visualthinker_ray.toy.tiny_model import (
+    build_processor,
+    build_tiny_tokenizer,
+    fan_in_init_,
+    tiny_model_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 112

@@ -45,8 +45,13 @@ from gold_training import background_png, print_table, train_and_score, write_re
 from transformers import Qwen2VLForConditionalGeneration
 
 from visualthinker_ray.data.sat import sat_record
-from visualthinker_ray.data.synthetic import make_cvbench_question, sat_row
-from visualthinker_ray.models import build_processor, build_tiny_tokenizer, fan_in_init_, tiny_model_config
+from visualthinker_ray.toy.synthetic import make_cvbench_question, sat_row
+from visualthinker_ray.toy.tiny_model import (
+    build_processor,
+    build_tiny_tokenizer,
+    fan_in_init_,
+    tiny_model_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("Depth", "Count", "Relation", "Distance")
@@ -123,9 +128,9 @@ def heldout_records(task: str, args, coded: bool) -> list:
 
 def warmed_default(rows: list[dict], steps: int, lr: float, seed: int, tmp: Path):
     """The default variant after the project's format warm-up (random answers) on these rows."""
-    from visualthinker_ray.data.synthetic import sat_features, write_parquet
     from visualthinker_ray.models import load_model
-    from visualthinker_ray.warmup import warmup
+    from visualthinker_ray.toy.synthetic import sat_features, write_parquet
+    from visualthinker_ray.toy.warmup import warmup
 
     model, processor = build("default", seed)
     model.save_pretrained(tmp / "model")

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
-from visualthinker_ray.data.synthetic import render_scene
 from visualthinker_ray.sequences import build_batch, encode_prompt
+from visualthinker_ray.toy.synthetic import render_scene
 
 WHITE = (255, 255, 255)  # no object colour is white: background pixels are exactly these
 

@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from visualthinker_ray import warmup as wu
 from visualthinker_ray.data.sat import load_sat
 from visualthinker_ray.models import load_model, load_processor
 from visualthinker_ray.sequences import build_batch, completion_logprobs, encode_prompt
+from visualthinker_ray.toy import warmup as wu
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -121,3 +121,9 @@ def load_cvbench(
                 tally.skip(bad)
     files = tuple(what for _, what in parts)
     return tally.finish(" + ".join(files), files)
+
+
+def cvbench_prompt(question: str, choices: list[str] | tuple[str, ...]) -> str:
+    """CV-Bench's `prompt` column: the question, then the lettered choices."""
+    lines = [f"({chr(ord('A') + i)}) {c}" for i, c in enumerate(choices)]
+    return f"{question} Select from the following choices.\n" + "\n".join(lines)

@@ -139,7 +139,7 @@ def lettered_variant(record: PromptRecord) -> PromptRecord:
     that are none of the options (held-out accuracy far BELOW chance before any RL); without it in
     RL (data.lettered_fraction) what it learns on SAT's layout may not carry over to CV-Bench's.
     """
-    from visualthinker_ray.data.synthetic import cvbench_prompt
+    from visualthinker_ray.data.cvbench import cvbench_prompt
 
     bare = record.meta.get("raw_question")
     if not bare:

@@ -146,13 +146,13 @@ class GroundedFamilies:
     same_shape_sizes: bool = False
 
     def __post_init__(self) -> None:  # a bad family name fails where it is given, before any work
-        from visualthinker_ray.data.synthetic import SELECTABLE_QUESTION_TYPES, check_subset
+        from visualthinker_ray.toy.synthetic import SELECTABLE_QUESTION_TYPES, check_subset
 
         check_subset(self.question_types, SELECTABLE_QUESTION_TYPES, "grounded warm-up question_types")
         check_subset(self.cvbench_tasks, GROUNDED_CVBENCH_TASKS, "grounded warm-up cvbench_tasks")
 
     def kinds(self) -> tuple[str, ...]:
-        from visualthinker_ray.data.synthetic import QUESTION_TYPES
+        from visualthinker_ray.toy.synthetic import QUESTION_TYPES
 
         sat_types = self.question_types or QUESTION_TYPES
         return tuple(sat_types) + tuple(self.cvbench_tasks or GROUNDED_CVBENCH_TASKS)
@@ -164,7 +164,7 @@ def grounded_example(
     """A fresh synthetic question (kind drawn uniformly from ``families``) as a SAT record, and its
     grounding text."""
     from visualthinker_ray.data.sat import sat_record
-    from visualthinker_ray.data.synthetic import grounding_text, make_cvbench_question, make_question, sat_row
+    from visualthinker_ray.toy.synthetic import grounding_text, make_cvbench_question, make_question, sat_row
 
     kind = rng.choice(families.kinds())
     cvbench = kind in GROUNDED_CVBENCH_TASKS

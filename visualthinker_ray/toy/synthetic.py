@@ -24,6 +24,7 @@ from pathlib import Path
 from PIL import Image as PILImage
 from PIL import ImageDraw
 
+from visualthinker_ray.data.cvbench import cvbench_prompt
 from visualthinker_ray.errors import InputError
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -496,12 +497,6 @@ def make_cvbench_question(
     else:
         raise InputError(f"unknown CV-Bench task {task!r}")
     return replace(q, question_type=task)
-
-
-def cvbench_prompt(question: str, choices: list[str] | tuple[str, ...]) -> str:
-    """CV-Bench's `prompt` column: the question, then the lettered choices."""
-    lines = [f"({chr(ord('A') + i)}) {c}" for i, c in enumerate(choices)]
-    return f"{question} Select from the following choices.\n" + "\n".join(lines)
 
 
 # ---------------------------------------------------------------- file writers
