@@ -131,43 +131,6 @@ def test_sync_makes_every_worker_serve_the_senders_weights(setup, records, refer
     assert worst_old > 100 * LOGPROB_TOL, f"old weights explain the new log-probs too ({worst_old:.2e})"
 
 
-def test_a_sync_during_generation_reaches_vllm_mid_request(setup, records, reference):
-    """vLLM pauses, loads and resumes: the tokens of a request in flight before the sync come from
-    the old weights and the rest from the new ones, each labelled with its version."""
-    pool, source = setup
-    assert pool.kinds[1] == "vllm"
-    old = ray.get(source.weights.remote())
-    version = pool.policy_versions()[1]
-    sampling = SamplingSpec(n=G, temperature=TEMPERATURE, max_new_tokens=300, seed=0)
-    ref = pool.workers[1].generate.remote([r.to_dict() for r in records], sampling_to_dict(sampling))
-    time.sleep(1.0)  # it is generating (8 x 300 tokens take several seconds here)
-    ray.get(source.perturb.remote(seed=5))
-    new = ray.get(source.weights.remote())
-    pool.sync(source, version=version + 1)
-    comps = [Completion(**c) for c in ray.get(ref, timeout=300)["completions"]]
-    assert pool.policy_versions() == [version + 1] * 2
-    assert all(c.policy_version == version for c in comps)  # the oldest version in each
-
-    processor, model = reference
-    err_old = _recomputed_logprob_errors(comps, records, processor, model, old)
-    err_new = _recomputed_logprob_errors(comps, records, processor, model, new)
-    mixed = 0
-    for c, e_old, e_new in zip(comps, err_old, err_new, strict=True):
-        spans = c.meta.get("weight_versions") or [(c.policy_version, 0, len(c.token_ids))]
-        assert spans[0][1] == 0 and spans[-1][2] == len(c.token_ids), spans
-        for v, start, end in spans:
-            errors = (e_old if v == version else e_new)[start:end]
-            assert errors.max() < LOGPROB_TOL, (
-                f"{c.meta['engine']}: tokens {start}-{end} not from version {v}"
-            )
-        if len(spans) == 2:
-            mixed += 1
-            assert spans[0][0] == version and spans[1][0] == version + 1
-            # the new weights really differ there: the old ones do not explain the later tokens
-            assert e_old[spans[1][1] : spans[1][2]].max() > 100 * LOGPROB_TOL
-    assert mixed > 0, "the sync did not land while vLLM was generating"
-
-
 def test_a_worker_killed_during_a_sync_fails_the_sync_within_the_timeout(setup):
     pool, source = setup
     ray.get(source.perturb.remote(seed=2))
@@ -233,3 +196,41 @@ def test_frozen_parameters_are_sent_once_per_group_and_stay_served(setup, tiny_m
     finally:
         ray.kill(frozen)
         pool.weights.reset()
+
+
+def test_a_sync_during_generation_reaches_vllm_mid_request(setup, records, reference):
+    """vLLM pauses, loads and resumes: the tokens of a request in flight before the sync come from
+    the old weights and the rest from the new ones, each labelled with its version."""
+    pool, source = setup
+    assert pool.kinds[1] == "vllm"
+    version = max(pool.policy_versions()) + 1
+    pool.sync(source, version=version)  # every worker serves the source's weights (after earlier tests)
+    old = ray.get(source.weights.remote())
+    sampling = SamplingSpec(n=G, temperature=TEMPERATURE, max_new_tokens=300, seed=0)
+    ref = pool.workers[1].generate.remote([r.to_dict() for r in records], sampling_to_dict(sampling))
+    time.sleep(1.0)  # it is generating (8 x 300 tokens take several seconds here)
+    ray.get(source.perturb.remote(seed=5))
+    new = ray.get(source.weights.remote())
+    pool.sync(source, version=version + 1)
+    comps = [Completion(**c) for c in ray.get(ref, timeout=300)["completions"]]
+    assert set(pool.policy_versions()) == {version + 1}
+    assert all(c.policy_version == version for c in comps)  # the oldest version in each
+
+    processor, model = reference
+    err_old = _recomputed_logprob_errors(comps, records, processor, model, old)
+    err_new = _recomputed_logprob_errors(comps, records, processor, model, new)
+    mixed = 0
+    for c, e_old, e_new in zip(comps, err_old, err_new, strict=True):
+        spans = c.meta.get("weight_versions") or [(c.policy_version, 0, len(c.token_ids))]
+        assert spans[0][1] == 0 and spans[-1][2] == len(c.token_ids), spans
+        for v, start, end in spans:
+            errors = (e_old if v == version else e_new)[start:end]
+            assert errors.max() < LOGPROB_TOL, (
+                f"{c.meta['engine']}: tokens {start}-{end} not from version {v}"
+            )
+        if len(spans) == 2:
+            mixed += 1
+            assert spans[0][0] == version and spans[1][0] == version + 1
+            # the new weights really differ there: the old ones do not explain the later tokens
+            assert e_old[spans[1][1] : spans[1][2]].max() > 100 * LOGPROB_TOL
+    assert mixed > 0, "the sync did not land while vLLM was generating"
