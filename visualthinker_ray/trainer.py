@@ -53,9 +53,10 @@ def split_by_signal(records: list[PromptRecord], completions: list[Completion], 
     groups = [
         (rec, completions[k * g : (k + 1) * g], scores[k * g : (k + 1) * g]) for k, rec in enumerate(records)
     ]
-    return [gr for gr, z in zip(groups, zero_std, strict=True) if not z], [
-        gr for gr, z in zip(groups, zero_std, strict=True) if z
-    ]
+    kept, dropped = [], []
+    for group, no_signal in zip(groups, zero_std, strict=True):
+        (dropped if no_signal else kept).append(group)
+    return kept, dropped
 
 
 def check_groups(completions: list[Completion], records: list[PromptRecord], group_size: int) -> None:

@@ -46,8 +46,6 @@ class RolloutWorker:
         self._exclusive = contextlib.nullcontext() if updates_during_generation(engine) else threading.Lock()
 
     def ready(self) -> dict:
-        import ray
-
         return {"engine": self.kind, "pid": os.getpid(), "node_ip": ray.util.get_node_ip_address()}
 
     def generate(self, records: list[dict], sampling: dict) -> dict:
