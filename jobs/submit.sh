@@ -25,7 +25,17 @@ Environment:
   RAY_ADDRESS        the Ray dashboard / job server address (default http://127.0.0.1:8265)
   VTR_PYTHON         the python that runs the job on the cluster (default: python)
   VTR_RUNTIME_ENV    extra runtime-env env_vars as a JSON object, e.g. '{"HF_HUB_OFFLINE": "1"}'
-  RAY_AUTH_MODE, RAY_AUTH_TOKEN   as the cluster's Ray token authentication requires
+  RAY_AUTH_TOKEN     the cluster's Ray authentication token (the KubeRay manifests in cluster/
+                     turn token authentication on; cluster/README.md says how to read the token)
+  RAY_AUTH_TOKEN_PATH  else a file holding the token; else `ray get-auth-token` (~/.ray/auth_token)
+  RAY_AUTH_MODE      normally unset: a token found as above is sent; `token` insists on a token,
+                     `disabled` sends none
+
+Token authentication: the script first asks the head whether it requires a token
+(GET /api/authentication_mode, which needs none). Unless the head says it does not, a token found
+as above is sent with the submission (the script sets RAY_AUTH_MODE=token for `ray`; it never
+prints the token). When the head requires a token and none was found, the script stops with an
+error (exit 2) before uploading anything.
 
 Examples:
   jobs/submit.sh                                           # tiny CPU job (local head)
@@ -75,6 +85,65 @@ python_bin="${VTR_PYTHON:-python}"
 local_python="$(dirname "$ray_bin")/python"
 [[ -x "$local_python" ]] || local_python="$(command -v python3 || true)"
 [[ -n "$local_python" ]] || { echo "error: no local python found to build the runtime env" >&2; exit 2; }
+
+# What the head requires: its /api/authentication_mode answers without a token. "unknown" when it
+# cannot be asked (not reachable, not an http(s) address, a Ray without token authentication).
+head_mode="$(
+  "$local_python" - "$address" 2>/dev/null <<'PY' || echo unknown
+import json
+import sys
+import urllib.request
+
+address = sys.argv[1].rstrip("/")
+mode = "unknown"
+if address.startswith(("http://", "https://")):
+    try:
+        with urllib.request.urlopen(f"{address}/api/authentication_mode", timeout=3) as r:
+            mode = json.loads(r.read()).get("authentication_mode") or "unknown"
+    except Exception:
+        pass
+print(mode)
+PY
+)"
+
+# Ray token authentication. The Ray CLI sends a token only when RAY_AUTH_MODE=token, and then takes
+# it from RAY_AUTH_TOKEN, else from the file RAY_AUTH_TOKEN_PATH, else from ~/.ray/auth_token. Look
+# for one in the same order and, when there is one, turn the mode on: a token given is a token sent.
+auth_mode="${RAY_AUTH_MODE:-}"
+token_source=""
+# No look-up for a head without token authentication unless RAY_AUTH_MODE=token asks for one.
+if [[ "$auth_mode" == token || ( "$auth_mode" != disabled && "$head_mode" != disabled ) ]]; then
+  if [[ -n "${RAY_AUTH_TOKEN:-}" ]]; then
+    token_source="RAY_AUTH_TOKEN"
+  elif [[ -n "${RAY_AUTH_TOKEN_PATH:-}" ]]; then
+    if [[ ! -f "$RAY_AUTH_TOKEN_PATH" || ! -r "$RAY_AUTH_TOKEN_PATH" || ! -s "$RAY_AUTH_TOKEN_PATH" ]]; then
+      echo "error: RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH is not a readable, non-empty token file" >&2
+      exit 2
+    fi
+    token_source="RAY_AUTH_TOKEN_PATH ($RAY_AUTH_TOKEN_PATH)"
+  elif "$ray_bin" get-auth-token >/dev/null 2>&1; then
+    token_source="ray get-auth-token (~/.ray/auth_token)"
+  fi
+fi
+if [[ -n "$token_source" ]]; then
+  export RAY_AUTH_MODE=token
+  echo "token authentication: sending the token from $token_source" >&2
+elif [[ "$head_mode" == token || "$auth_mode" == token ]]; then
+  if [[ "$head_mode" == token ]]; then
+    echo "error: the Ray head at $address requires token authentication, and no token was given" >&2
+  else
+    echo "error: RAY_AUTH_MODE=token, and no token was given" >&2
+  fi
+  if [[ "$auth_mode" == disabled ]]; then
+    echo "(RAY_AUTH_MODE=disabled sends no token: unset it)" >&2
+  fi
+  cat >&2 <<'EOF'
+Give the cluster's token in RAY_AUTH_TOKEN, or in a file named by RAY_AUTH_TOKEN_PATH, or keep it in
+~/.ray/auth_token. On KubeRay the token is in the Secret named after the Ray cluster, for example:
+  export RAY_AUTH_TOKEN="$(kubectl get secret visualthinker -o jsonpath='{.data.auth_token}' | base64 -d)"
+EOF
+  exit 2
+fi
 
 # The runtime env: what the working-dir upload leaves out, and env vars for the job.
 runtime_env="$(

@@ -1,7 +1,9 @@
 """The KubeRay manifests in cluster/ agree with the GPU job config and with the command line.
 
 No Kubernetes here: the manifests are parsed as YAML and checked against the KubeRay ray.io/v1
-field names, the resource names and pool sizes of jobs/sat_qwen2vl_2b.yaml, and the real CLI.
+field names, the resource names and pool sizes of jobs/sat_qwen2vl_2b.yaml, and the real CLI; and
+they are secure and elastic by default (token authentication, a dashboard reachable only inside the
+cluster, an autoscaled rollout group, the raylet subreaper for vLLM's processes).
 """
 
 from __future__ import annotations
@@ -23,6 +25,42 @@ GPU_JOB = REPO / "jobs" / "sat_qwen2vl_2b.yaml"
 # The image holds the repository here (cluster/README.md, "Build the image"); the head's working dir.
 IMAGE_APP_DIR = "/app"
 POOLS = ("rollout", "learner", "reward")
+
+# The fields the manifests may use, per object: those of the KubeRay ray.io/v1 CRDs of release v1.5.1,
+# the first with `authOptions` (ray-project/kuberay, tag v1.5.1, ray-operator/config/crd/bases/
+# ray.io_rayclusters.yaml and ray.io_rayjobs.yaml; v1.7.0 still has every one of them). The API server
+# silently drops a field its CRD does not know, so a misspelt or misplaced `authOptions` would leave
+# the cluster without authentication: every key is checked, not only the ones looked up below.
+KUBERAY_MIN_VERSION = "1.5.1"
+RAYCLUSTER_SPEC_FIELDS = {
+    "authOptions", "autoscalerOptions", "enableInTreeAutoscaling", "gcsFaultToleranceOptions",
+    "headGroupSpec", "headServiceAnnotations", "managedBy", "rayVersion", "suspend", "workerGroupSpecs",
+}  # fmt: skip
+HEAD_GROUP_FIELDS = {
+    "enableIngress", "headService", "labels", "rayStartParams", "resources", "serviceType", "template",
+}  # fmt: skip
+WORKER_GROUP_FIELDS = {
+    "groupName", "idleTimeoutSeconds", "labels", "maxReplicas", "minReplicas", "numOfHosts",
+    "rayStartParams", "replicas", "resources", "scaleStrategy", "suspend", "template",
+}  # fmt: skip
+WORKER_GROUP_REQUIRED = {"groupName", "maxReplicas", "minReplicas", "template"}
+AUTOSCALER_OPTIONS = {  # field: allowed values (None: any value of the field's type)
+    "env": None, "envFrom": None, "idleTimeoutSeconds": None, "image": None, "imagePullPolicy": None,
+    "resources": None, "securityContext": None, "volumeMounts": None,
+    "upscalingMode": {"Default", "Aggressive", "Conservative"},
+    "version": {"v1", "v2"},
+}  # fmt: skip
+AUTH_OPTIONS = {"mode": {"disabled", "token"}}
+RAYJOB_SPEC_FIELDS = {
+    "activeDeadlineSeconds", "backoffLimit", "clusterSelector", "deletionStrategy", "entrypoint",
+    "entrypointNumCpus", "entrypointNumGpus", "entrypointResources", "jobId", "managedBy", "metadata",
+    "rayClusterSpec", "runtimeEnvYAML", "shutdownAfterJobFinishes", "submissionMode", "submitterConfig",
+    "submitterPodTemplate", "suspend", "ttlSecondsAfterFinished",
+}  # fmt: skip
+MIN_RAY_FOR_TOKEN_AUTH = (2, 52, 0)  # KubeRay refuses authOptions.mode=token below this rayVersion
+# vLLM's engine core and workers are grandchildren of a rollout actor; with this the raylet reaps them
+# when the actor dies (scale-down, a crash) instead of leaving them on the GPU.
+SUBREAPER_ENV = "RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper"
 
 
 def _docs(name: str) -> list[dict]:
@@ -76,6 +114,15 @@ def _custom_resources(group: dict) -> dict[str, float]:
 
 def _containers(group: dict) -> list[dict]:
     return group["template"]["spec"]["containers"]
+
+
+def _ray_pods(spec: dict) -> dict[str, dict]:
+    """The head and every worker group, by name."""
+    return {"head": spec["headGroupSpec"], **_groups(spec)}
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
 
 
 def _limit(group: dict, key: str) -> float:
@@ -155,6 +202,90 @@ def test_images_are_one_well_formed_name(raycluster, rayjob):
         r"[a-z0-9]+([.-][a-z0-9]+)*(:\d+)?(/[a-z0-9]+([._-][a-z0-9]+)*)+:[\w][\w.-]{0,127}", image
     )
     assert "visualthinker-ray" in image
+
+
+# -- KubeRay fields ------------------------------------------------------------------------------------
+
+
+def _check_options(name: str, given: dict, allowed: dict) -> None:
+    assert set(given) <= set(allowed), (
+        f"{name}: not KubeRay {KUBERAY_MIN_VERSION} fields: {set(given) - set(allowed)}"
+    )
+    for key, values in allowed.items():
+        if values is not None and key in given:
+            assert given[key] in values, f"{name}.{key}={given[key]!r} is not one of {sorted(values)}"
+
+
+def test_only_kuberay_fields(cluster_spec, rayjob):
+    assert set(cluster_spec) <= RAYCLUSTER_SPEC_FIELDS, set(cluster_spec) - RAYCLUSTER_SPEC_FIELDS
+    head = cluster_spec["headGroupSpec"]
+    assert set(head) <= HEAD_GROUP_FIELDS, set(head) - HEAD_GROUP_FIELDS
+    for name, group in _groups(cluster_spec).items():
+        assert WORKER_GROUP_REQUIRED <= set(group) <= WORKER_GROUP_FIELDS, (name, sorted(group))
+    _check_options("autoscalerOptions", cluster_spec.get("autoscalerOptions", {}), AUTOSCALER_OPTIONS)
+    _check_options("authOptions", cluster_spec.get("authOptions", {}), AUTH_OPTIONS)
+    assert set(rayjob["spec"]) <= RAYJOB_SPEC_FIELDS, set(rayjob["spec"]) - RAYJOB_SPEC_FIELDS
+
+
+# -- secure by default ---------------------------------------------------------------------------------
+
+
+def test_token_authentication_is_on(cluster_spec, rayjob):
+    assert cluster_spec.get("authOptions", {}).get("mode") == "token"
+    version = tuple(int(x) for x in re.findall(r"\d+", cluster_spec["rayVersion"])[:3])
+    assert version >= MIN_RAY_FOR_TOKEN_AUTH, cluster_spec["rayVersion"]
+    # KubeRay only adds RAY_AUTH_MODE / RAY_AUTH_TOKEN where a container does not set them: a value
+    # here (RAY_AUTH_MODE=disabled, a token in plain text) would win over the operator's.
+    containers = [
+        c for pod in _ray_pods(cluster_spec).values() for c in pod["template"]["spec"]["containers"]
+    ]
+    containers += rayjob["spec"]["submitterPodTemplate"]["spec"]["containers"]
+    for container in containers:
+        assert not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & set(_env(container)), (
+            container["name"]
+        )
+    assert "RAY_AUTH" not in str(cluster_spec.get("autoscalerOptions", {}))
+
+
+def test_dashboard_stays_inside_the_cluster(cluster_spec):
+    head = cluster_spec["headGroupSpec"]
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP"
+    assert not head.get("enableIngress", False)
+    assert head.get("headService", {}).get("spec", {}).get("type", "ClusterIP") == "ClusterIP"
+    for path in sorted(CLUSTER.glob("*.yaml")):
+        for doc in _docs(path.name):
+            assert doc["kind"] not in ("Ingress", "Route", "Gateway", "HTTPRoute"), path.name
+            if doc["kind"] == "Service":
+                assert doc.get("spec", {}).get("type", "ClusterIP") == "ClusterIP", path.name
+
+
+def test_every_ray_container_reaps_vllm_processes(cluster_spec):
+    for name, pod in _ray_pods(cluster_spec).items():
+        env = _env(pod["template"]["spec"]["containers"][0])  # the Ray container (KubeRay: index 0)
+        assert env.get(SUBREAPER_ENV, {}).get("value") == "true", name
+
+
+# -- the elastic rollout pool ----------------------------------------------------------------------------
+
+
+def test_autoscaler_is_on(cluster_spec):
+    assert cluster_spec["enableInTreeAutoscaling"] is True
+    options = cluster_spec["autoscalerOptions"]
+    idle = options["idleTimeoutSeconds"]
+    # Long enough not to drop a GPU pod between two scale requests, short enough to free it.
+    assert isinstance(idle, int) and 60 <= idle <= 3600, idle
+
+
+def test_rollout_group_scales_between_its_bounds(cluster_spec, cfg):
+    group = _groups(cluster_spec)["rollout"]
+    name = cfg.resources.rollout_resource
+    units_per_pod = _custom_resources(group).get(name, 0)
+    workers_per_pod = int(units_per_pod)  # each rollout actor asks for one unit of `name`
+    assert workers_per_pod >= 1, f"the rollout group must advertise {name}"
+    # Room for the configured workers at the start, and room to grow beyond them (`scale --rollout N`).
+    assert group["minReplicas"] * workers_per_pod <= cfg.rollout.num_workers
+    assert group["maxReplicas"] * workers_per_pod > cfg.rollout.num_workers
+    assert group.get("idleTimeoutSeconds") is None or group["idleTimeoutSeconds"] > 0
 
 
 # -- agreement with jobs/sat_qwen2vl_2b.yaml ------------------------------------------------------------
