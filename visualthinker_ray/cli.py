@@ -85,6 +85,23 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_scale(args) -> int:
+    import ray
+
+    from visualthinker_ray.control import find_control
+
+    control = find_control(args.job, args.address)
+    status = ray.get(control.request_rollout.remote(args.rollout), timeout=60)
+    print(
+        f"asked job {args.job!r} for {args.rollout} rollout worker(s); at its last step it had "
+        f"{status.get('rollout_serving', '?')} serving and {status.get('rollout_joining', '?')} starting"
+    )
+    if status.get("scale_with_cluster"):
+        print("note: this job follows the cluster's rollout resources (rollout.scale_with_cluster), which "
+              "overrides this request at the next step: resize the rollout node group instead")  # fmt: skip
+    return 0
+
+
 def _report_run(trainer) -> None:
     """What a finished run shows: the held-out accuracy table and a PNG of its curves."""
     from visualthinker_ray.evaluate import format_progress
@@ -214,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue from the latest checkpoint under checkpoint.dir"
     )
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("scale", help="resize the rollout pool of a running `train` job (no restart)")
+    p.add_argument("--rollout", type=int, required=True, help="rollout workers wanted")
+    p.add_argument("--job", default="visualthinker", help="the job's resources.job_name")
+    p.add_argument("--address", help="the Ray cluster (default: RAY_ADDRESS, else the local one)")
+    p.set_defaults(func=cmd_scale)
 
     p = sub.add_parser("eval", help="CV-Bench evaluation (greedy) through rollout workers")
     _add_config_args(p)

@@ -101,6 +101,24 @@ class RolloutConfig(_Section):
         gt=0,
         description="weight-sync bucket size (MiB): fewer collectives vs. a bigger flat buffer on each side",
     )
+    max_restarts: int = Field(
+        3,
+        ge=0,
+        description="dead or hung rollout workers replaced within restart_window_s; one more ends the run",
+    )
+    restart_window_s: float = Field(3600.0, gt=0, description="the window max_restarts counts in")
+    hang_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="a worker that answers no health check this long (SIGSTOP, a hang) is replaced",
+    )
+    generate_timeout_s: float = Field(
+        3600.0, gt=0, description="bound on one generation call; past it its worker is replaced"
+    )
+    scale_with_cluster: bool = Field(
+        False,
+        description="resize the pool every step to the resources.rollout_resource units the cluster has",
+    )
 
 
 class RewardPlugin(_Section):
@@ -229,6 +247,9 @@ class ResourcesConfig(_Section):
     learner_resource: str | None = Field(None, description="custom Ray resource each learner rank asks for")
     reward_resource: str | None = Field(None, description="custom Ray resource each grader asks for")
     collective_timeout_s: float = Field(600.0, gt=0, description="bound on every collective")
+    job_name: str = Field(
+        "visualthinker", min_length=1, description="how `scale --job` finds this run on the Ray cluster"
+    )
 
 
 class LoggingConfig(_Section):
@@ -270,6 +291,15 @@ class Config(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _rollout_resource_to_follow(self) -> Config:
+        if self.rollout.scale_with_cluster and not self.resources.rollout_resource:
+            raise ValueError(
+                "rollout.scale_with_cluster counts the cluster's resources.rollout_resource units: set "
+                "resources.rollout_resource to the custom resource your rollout nodes advertise"
+            )
+        return self
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

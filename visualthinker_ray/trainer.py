@@ -19,6 +19,7 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,6 +32,9 @@ from visualthinker_ray.grpo import group_advantages
 from visualthinker_ray.metrics import rollout_metrics
 from visualthinker_ray.ray_calls import connect_ray
 from visualthinker_ray.rollout.engine import Completion, SamplingSpec
+
+if TYPE_CHECKING:
+    from visualthinker_ray.rollout.pool import Generation
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +76,17 @@ def check_groups(completions: list[Completion], records: list[PromptRecord], gro
 
 @dataclass
 class Submitted:
-    """A batch whose generation has started (the pool's call references, one per rollout worker)."""
+    """A batch whose generation has started on the rollout pool."""
 
     step: int
     epoch: int
     records: list[PromptRecord]
-    refs: dict
+    generation: Generation
 
 
 class Trainer:
     def __init__(self, cfg: Config, resume: bool = False):
+        from visualthinker_ray.control import create_control
         from visualthinker_ray.data.sat import load_train_records
         from visualthinker_ray.learner.group import LearnerGroup
         from visualthinker_ray.reward_pool import RewardPool
@@ -113,6 +118,8 @@ class Trainer:
         )
 
         connect_ray(cfg)
+        self.control = create_control(cfg.resources.job_name)  # `scale --job` finds the run through it
+        self.grader_restarts = 0
         self.step = 0
         self.learner = LearnerGroup(cfg, total_optimizer_steps=optimizer_steps)
         if resume_from is not None:
@@ -147,6 +154,7 @@ class Trainer:
         cfg, alg = self.cfg, self.cfg.algorithm
         timer = PhaseTimer()
         t0 = time.perf_counter()
+        self._resize_rollout()  # workers asked for join at this step's sync
         self._submit_ahead()  # generation of this step's batch and up to k after it
         with timer("generate"):  # the wait for this step's batch (all of generation when k = 0)
             batch = self._collect(self._pending.popleft())
@@ -176,7 +184,7 @@ class Trainer:
             # vLLM loads the new weights while it generates the next batches (their tokens after
             # this point come from them); the HF engine finishes its generation on the old ones first.
             if not self.rollout.updates_during_generation:
-                self.rollout.wait_done([p.refs for p in self._pending])
+                self.rollout.wait_done([p.generation for p in self._pending])
             self.rollout.sync(self.learner, version=self.step + 1)
 
         completions = batch.completions
@@ -210,6 +218,10 @@ class Trainer:
                 / len(completions),
                 "reward_pool/timeouts": graded.timeouts,
                 "reward_pool/errors": graded.errors,
+                "rollout/pool_size": len(self.rollout.members),
+                "rollout/joining": self.rollout.joining,
+                "faults/rollout_replaced": self.rollout.replaced,  # since this process started
+                "faults/grader_restarts": self.grader_restarts,
                 "data/epoch": batch.epoch,
             }
         )
@@ -248,14 +260,15 @@ class Trainer:
             epoch, indices = self.order.next_batch()
             self._order_after[step] = self.order.state_dict()  # what a checkpoint after `step` resumes from
             records = [self.records[i] for i in indices]
-            refs = self.rollout.submit(records, self._sampling(step))
-            self._pending.append(Submitted(step, epoch, records, refs))
+            self._pending.append(
+                Submitted(step, epoch, records, self.rollout.submit(records, self._sampling(step)))
+            )
             self._next_submit += 1
 
     def _collect(self, sub: Submitted) -> RolloutBatch:
         if sub.step != self.step:
             raise RuntimeError(f"pipeline out of order: step {self.step} got the batch of step {sub.step}")
-        completions, stats = self.rollout.collect(sub.refs)
+        completions, stats = self.rollout.collect(sub.generation)
         check_groups(completions, sub.records, self.cfg.algorithm.group_size)
         busy = max((s.get("seconds", 0.0) for s in stats), default=0.0)
         return RolloutBatch(sub.step, sub.epoch, sub.records, completions, busy, stats)
@@ -272,7 +285,34 @@ class Trainer:
                 for c in completions
             ]
         )
+        self.grader_restarts += graded.restarts
         return graded.results, graded
+
+    def _resize_rollout(self) -> None:
+        """Resize the rollout pool to what `scale --rollout N` asked for, or (rollout.scale_with_cluster)
+        to the rollout resource units the cluster has now; report the pool to the control actor."""
+        import ray
+
+        want = None
+        try:
+            want = ray.get(self.control.take_rollout_request.remote(), timeout=30)
+        except ray.exceptions.RayError as e:  # steering is optional: training goes on without it
+            log.warning("could not read scale requests from the control actor: %s", e)
+        if self.cfg.rollout.scale_with_cluster:
+            want = max(1, int(ray.cluster_resources().get(self.cfg.resources.rollout_resource, 0)))
+        pool = self.rollout
+        if want and want != len(pool.members) + pool.joining:
+            log.info("step %d: rollout pool %d -> %d workers", self.step + 1, len(pool.members), want)
+            pool.scale_to(want)
+        self.control.report.remote(
+            {
+                "step": self.step,
+                "rollout_serving": len(pool.members),
+                "rollout_joining": pool.joining,
+                "rollout_replaced": pool.replaced,
+                "scale_with_cluster": self.cfg.rollout.scale_with_cluster,
+            }
+        )
 
     def _refill(self, batch: RolloutBatch, scores: list[dict]) -> tuple[RolloutBatch, list[dict], dict]:
         """Dynamic sampling: a group whose rewards are all equal has zero advantage (no signal).
@@ -394,6 +434,9 @@ class Trainer:
         return out
 
     def shutdown(self) -> None:
+        import ray
+
+        ray.kill(self.control)
         for pool in (self.rollout, self.rewards, self.learner):
             try:
                 pool.shutdown()

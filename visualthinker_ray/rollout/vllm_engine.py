@@ -126,6 +126,18 @@ def _import_vllm():
     return vllm
 
 
+def merge_spans(spans) -> list[tuple[int, int, int]]:
+    """Adjacent (version, start, end) token spans of one version as one: a worker replaced mid-run
+    re-syncs the pool to the version it already serves, which must not look like a version change."""
+    merged: list[tuple[int, int, int]] = []
+    for version, start, end in spans:
+        if merged and merged[-1][0] == version:
+            merged[-1] = (version, merged[-1][1], end)
+        else:
+            merged.append((version, start, end))
+    return merged
+
+
 class VLLMEngine:
     def __init__(
         self,
@@ -377,7 +389,7 @@ class VLLMEngine:
         for rec, out in zip(records, outputs, strict=True):
             for sample in sorted(out.outputs, key=lambda o: o.index):
                 ids = list(sample.token_ids)
-                spans = [(int(s.version), s.start, s.end) for s in sample.weight_versions or ()]
+                spans = merge_spans((int(s.version), s.start, s.end) for s in sample.weight_versions or ())
                 completions.append(
                     Completion(
                         prompt_id=rec.id,

@@ -8,7 +8,8 @@ the HF engine lives in this process, so here this actor is the receiver.
 Two lanes (Ray concurrency groups): generation runs in the default one, one call at a time, in the
 order the calls arrive; the weight-sync calls run in the "weights" lane, so a sync is not queued
 behind a generation. vLLM loads it during the generation (the engine pauses and resumes); the HF
-engine cannot, so a lock makes its sync wait for the generation to end.
+engine cannot, so a lock makes its sync wait for the generation to end. A third lane answers the
+pool's health checks, so a worker that is busy is told apart from one that is stopped or wedged.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from visualthinker_ray.weight_sync import Bucket, Handshake, TensorMeta
 from visualthinker_ray.weight_sync.transport import SyncGroup, receive_buckets, receive_flat
 
 # The actor's lanes besides the default one (generation): pass as `concurrency_groups` when creating it.
-CONCURRENCY_GROUPS = {"weights": 1}
+# "health" answers the pool's liveness checks while a generation or a sync runs.
+CONCURRENCY_GROUPS = {"weights": 1, "health": 1}
 
 
 def updates_during_generation(engine: str) -> bool:
@@ -47,6 +49,14 @@ class RolloutWorker:
 
     def ready(self) -> dict:
         return {"engine": self.kind, "pid": os.getpid(), "node_ip": ray.util.get_node_ip_address()}
+
+    @ray.method(concurrency_group="health")
+    def alive(self) -> list[int]:
+        """This process and every process under it (vLLM's engine core and its workers): an answer
+        means the actor is not stopped or wedged; the pids let tests check that a kill reaps them."""
+        import psutil
+
+        return [os.getpid()] + [p.pid for p in psutil.Process().children(recursive=True)]
 
     def generate(self, records: list[dict], sampling: dict) -> dict:
         """`sampling.n` completions per record, in record order, plus this call's token throughput."""
