@@ -180,28 +180,63 @@ def test_no_reference_model_when_beta_is_zero(tiny_model_dir, items):
     group.shutdown()
 
 
+def _max_diff(a: dict, b: dict) -> float:
+    """Largest difference between two nested {name: tensor or number or dict} states (same keys)."""
+    assert a.keys() == b.keys()
+    worst = 0.0
+    for k in a:
+        x, y = a[k], b[k]
+        if isinstance(x, dict):
+            worst = max(worst, _max_diff(x, y))
+        else:
+            worst = max(
+                worst,
+                (torch.as_tensor(x, dtype=torch.float64) - torch.as_tensor(y, dtype=torch.float64))
+                .abs()
+                .max()
+                .item(),
+            )
+    return worst
+
+
 def test_checkpoint_resume_continues_exactly_and_export_loads(tiny_model_dir, items, tmp_path):
     """Save after one step, keep training; a fresh group loaded from the checkpoint makes the same
-    next step (model AND optimizer state restored); the HF export loads with transformers."""
+    next step: its weights, optimizer state (Adam moments, step), scheduler state and lr equal the
+    uninterrupted run's, under a warm-up + linear-decay schedule sized for the whole run (so a lost
+    scheduler state changes the lr). The HF export loads with transformers."""
     from transformers import AutoModelForImageTextToText
 
     batch1 = with_advantages(items, [1.0, -1.0, 0.5, -0.5] * 3)
     batch2 = with_advantages(items, [-0.5, 0.5, -1.0, 1.0] * 3)
-    group = make_group(tiny_model_dir, "learner.num_workers=2", "algorithm.beta=0.04")
+    args = (
+        "learner.num_workers=2",
+        "algorithm.beta=0.04",
+        "learner.lr_schedule=linear",
+        "learner.warmup_steps=1",
+    )
+    group = make_group(tiny_model_dir, *args, total_steps=4)
     group.train_step(batch1)
     group.save_checkpoint(str(tmp_path))
     group.train_step(batch2)
-    straight = group.full_state_dict()
+    straight, straight_state = group.full_state_dict(), group.training_state()
     export = group.export_hf(str(tmp_path / "hf"))
     group.shutdown()
 
-    resumed = make_group(tiny_model_dir, "learner.num_workers=2", "algorithm.beta=0.04")
+    resumed = make_group(tiny_model_dir, *args, total_steps=4)
+    fresh_lr = resumed.training_state()["lr"]
     assert resumed.load_checkpoint(str(tmp_path)) == 1
     resumed.train_step(batch2)
-    after = resumed.full_state_dict()
+    after, after_state = resumed.full_state_dict(), resumed.training_state()
     resumed.shutdown()
-    worst = max((straight[k] - after[k]).abs().max().item() for k in straight)
+    worst = _max_diff(straight, after)
     assert worst < 1e-6, f"resumed step differs by {worst:.2e}"
+    assert after_state["optimizer_steps"] == straight_state["optimizer_steps"] == 2
+    assert after_state["scheduler"] == straight_state["scheduler"]
+    assert after_state["lr"] == straight_state["lr"] != fresh_lr  # the schedule moved, and resumed
+    assert (
+        set(after_state["optim"]) == set(straight)
+        and _max_diff(straight_state["optim"], after_state["optim"]) < 1e-6
+    )
 
     hf = AutoModelForImageTextToText.from_pretrained(export)
     exported = dict(hf.named_parameters())

@@ -189,6 +189,13 @@ class LearnerGroup:
         )
         return results[0]
 
+    def training_state(self) -> dict:
+        """Rank 0's gathered optimizer state, scheduler state and lr (tests of resume)."""
+        results = _wait_all(
+            [w.training_state.remote() for w in self.workers], self.timeout_s, "gathering state"
+        )
+        return results[0]
+
     # -- the weight-sync sender (weight_sync/coordinator.py's Sender protocol) ------------------------------------
     def node_ip(self) -> str:
         return _wait(self.workers[0].node_ip.remote(), self.timeout_s, "learner rank 0 address")

@@ -384,6 +384,23 @@ class LearnerWorker:
                 out[name] = t.cpu().clone()
         return out if self.rank == 0 else None
 
+    def training_state(self) -> dict | None:
+        """What a resume must restore besides the weights, gathered on rank 0 (None elsewhere):
+        the optimizer's full state by parameter name, the scheduler's state and the current lr."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        optim = get_optimizer_state_dict(
+            self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        if self.rank != 0:
+            return None
+        return {
+            "optim": {name: dict(s) for name, s in optim["state"].items()},
+            "scheduler": self.scheduler.state_dict(),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "optimizer_steps": self.optimizer_steps,
+        }
+
     # -- checkpoints and export --------------------------------------------------------------------
     def save_checkpoint(self, path: str) -> None:
         """Every rank writes its shard of the model and optimizer state (torch.distributed.checkpoint)."""
