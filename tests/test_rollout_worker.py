@@ -166,8 +166,9 @@ def test_a_worker_killed_during_a_sync_is_replaced_and_the_sync_completes_withou
     assert pool.policy_versions() == [2]
     _assert_reaped(doomed_pids)
     pool.settle()
+    assert pool.kinds == ["vllm"]  # up, but it serves only once it has the weights
+    pool.sync(source, version=2)  # the newcomer joins and gets the weights
     assert pool.kinds == ["vllm", "hf"]
-    pool.sync(source, version=2)  # the newcomer gets the weights before it serves
     _assert_served_weights_equal(pool, ray.get(source.weights.remote()))
     assert pool.policy_versions() == [2, 2]
 
@@ -340,7 +341,7 @@ def test_the_scale_command_reaches_a_running_job_by_name(capsys):
     control = create_control("scale-test")
     try:
         with pytest.raises(InputError, match="already running"):
-            create_control("scale-test")
+            create_control("scale-test", release_wait_s=1.0)
         ray.get(control.report.remote({"rollout_serving": 2, "rollout_joining": 0}))
         assert cli.main(["scale", "--rollout", "3", "--job", "scale-test"]) == 0
         assert "2 serving" in capsys.readouterr().out

