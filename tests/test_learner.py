@@ -244,6 +244,26 @@ def test_checkpoint_resume_continues_exactly_and_export_loads(tiny_model_dir, it
     assert all(torch.equal(exported[k], straight[k]) for k in straight)
 
 
+def test_a_dead_learner_rank_fails_the_step_in_bound_with_an_error_naming_it(tiny_model_dir, items):
+    """Rank 1 dies: rank 0's next collective times out (resources.collective_timeout_s) and the step
+    fails with one error naming both, never a hang (the run then stops; `train --resume` goes on)."""
+    import time
+
+    from visualthinker_ray.learner.group import LearnerError
+
+    group = make_group(tiny_model_dir, "learner.num_workers=2", "resources.collective_timeout_s=8")
+    try:
+        ray.kill(group.workers[1], no_restart=True)
+        t0 = time.monotonic()
+        with pytest.raises(LearnerError, match=r"learner train step failed") as err:
+            group.train_step(with_advantages(items, [1.0, -1.0, 0.5, -0.5] * 3))
+        assert "learner rank 1" in str(err.value) and "actor died" in str(err.value)
+        assert "learner rank 0" in str(err.value)  # its collective gave up instead of waiting forever
+        assert time.monotonic() - t0 < 8 + 30
+    finally:
+        group.shutdown()
+
+
 def test_rank0_holds_its_rendezvous_port_until_setup():
     """The port rank 0 hands out is bound at once: no other process can take it before set-up."""
     import socket

@@ -242,6 +242,7 @@ def test_a_worker_killed_while_it_generates_is_replaced_and_no_completion_is_los
     weights = _in_step(pool, source, version=20)
     hf = next(m for m in pool.members if m.kind == "hf")
     pids, replaced = ray.get(hf.handle.alive.remote()), pool.replaced
+    others = {m.id: ray.get(m.handle.alive.remote())[0] for m in pool.members if m is not hf}
     gen = pool.submit(records, SAMPLING)
     assert hf in [part.member for part in gen.parts]
     ray.kill(hf.handle, no_restart=True)
@@ -249,6 +250,8 @@ def test_a_worker_killed_while_it_generates_is_replaced_and_no_completion_is_los
     _assert_whole_and_on_policy(comps, records, reference, weights)
     assert hf.label not in {s["worker"] for s in stats}  # its records were generated elsewhere
     assert pool.replaced == replaced + 1 and hf not in pool.members and pool.joining == 1
+    # the other workers were not restarted: the same members, the same processes
+    assert {m.id: ray.get(m.handle.alive.remote())[0] for m in pool.members} == others
     _assert_reaped(pids)
     _in_step(pool, source, version=21)
     assert pool.policy_versions() == [21] * len(pool.members)

@@ -63,6 +63,15 @@ def split_by_signal(records: list[PromptRecord], completions: list[Completion], 
     return kept, dropped
 
 
+def rollout_target(requested: int | None, cluster_units: float | None) -> int | None:
+    """The rollout pool size for this step: one worker per rollout resource unit the cluster has
+    when the job follows the cluster (never fewer than one), else what `scale` asked for, else None
+    (unchanged)."""
+    if cluster_units is not None:
+        return max(1, int(cluster_units))
+    return requested
+
+
 def check_groups(completions: list[Completion], records: list[PromptRecord], group_size: int) -> None:
     """The G completions of each prompt must be contiguous and in prompt order (graded groups were
     misaligned in the reference code); fail loudly rather than compute wrong advantages."""
@@ -293,13 +302,15 @@ class Trainer:
         to the rollout resource units the cluster has now; report the pool to the control actor."""
         import ray
 
-        want = None
+        requested = None
         try:
-            want = ray.get(self.control.take_rollout_request.remote(), timeout=30)
+            requested = ray.get(self.control.take_rollout_request.remote(), timeout=30)
         except ray.exceptions.RayError as e:  # steering is optional: training goes on without it
             log.warning("could not read scale requests from the control actor: %s", e)
+        units = None
         if self.cfg.rollout.scale_with_cluster:
-            want = max(1, int(ray.cluster_resources().get(self.cfg.resources.rollout_resource, 0)))
+            units = ray.cluster_resources().get(self.cfg.resources.rollout_resource, 0)
+        want = rollout_target(requested, units)
         pool = self.rollout
         if want and want != len(pool.members) + pool.joining:
             log.info("step %d: rollout pool %d -> %d workers", self.step + 1, len(pool.members), want)
