@@ -409,9 +409,9 @@ def test_head_refuses_a_job_without_its_token(ray_head, tmp_path):
     )
 
 
-def test_submit_sh_needs_and_sends_the_token(ray_head, tmp_path):
+def test_submit_sh_stops_before_submitting_without_the_token(ray_head, tmp_path):
     """jobs/submit.sh against the token head: with no token it stops with a clear error before
-    submitting; with RAY_AUTH_TOKEN the job runs and succeeds."""
+    submitting (with one it runs: test_submit_tiny_job sends it from a token file)."""
     marker = f"/tmp/vtr-auth-marker-{secrets.token_hex(4)}"  # printed back by show-config
     args = ["--command", "show-config", TINY_CONFIG, f"logging.dir={marker}"]
     no_token = _no_token_env(ray_head, tmp_path)
@@ -420,13 +420,6 @@ def test_submit_sh_needs_and_sends_the_token(ray_head, tmp_path):
     assert out.returncode == 2, out.stderr[-2000:]
     assert "requires token authentication" in out.stderr and "RAY_AUTH_TOKEN" in out.stderr
     assert _jobs_with(ray_head, marker) == []
-
-    out = _run_submit(args, {**no_token, "RAY_AUTH_TOKEN": ray_head.token}, timeout=CLI_TIMEOUT_S)
-    assert out.returncode == 0, out.stderr[-2000:]
-    (job,) = _jobs_with(ray_head, marker)
-    logs = _http(f"{ray_head.base}/api/jobs/{job['submission_id']}/logs", token=ray_head.token)["logs"]
-    assert job["status"] == "SUCCEEDED", f"{job.get('message')}\n{logs[-3000:]}"
-    assert f"dir: {marker}" in logs, logs[-3000:]
 
 
 def test_submit_tiny_job(ray_head, tiny_model_dir, synthetic_dir, tmp_path):

@@ -277,29 +277,6 @@ def test_a_stopped_worker_is_replaced_after_the_hang_timeout(setup, records, ref
     _assert_reaped([pid])
 
 
-def test_a_vllm_engine_that_dies_mid_generation_is_replaced(setup, records, reference):
-    """The engine core process dies (an OOM kill, a crash) under a live actor: the request fails
-    with vLLM's EngineDeadError, which the pool treats as a dead worker."""
-    pool, source = setup
-    weights = _in_step(pool, source, version=23)
-    vllm = next(m for m in pool.members if m.kind == "vllm")
-    replaced = pool.replaced
-    core = [p for p in psutil.Process(ray.get(vllm.handle.alive.remote())[0]).children(recursive=True)
-            if "EngineCore" in p.name()]  # fmt: skip
-    assert core, "no vLLM engine core process under the worker"
-    slow = SamplingSpec(n=G, temperature=TEMPERATURE, max_new_tokens=200, seed=0)
-    gen = pool.submit(records, slow)
-    time.sleep(1.0)
-    core[0].kill()
-    comps, _ = pool.collect(gen, timeout_s=300)
-    assert [(c.prompt_id, c.sample_index) for c in comps] == [(r.id, k) for r in records for k in range(G)]
-    processor, model = reference
-    assert _recomputed_logprob_error(comps, records, processor, model, weights) < LOGPROB_TOL
-    assert pool.replaced == replaced + 1 and vllm not in pool.members
-    _in_step(pool, source, version=24)  # the new vLLM worker joins with the weights
-    assert "vllm" in pool.kinds and set(pool.policy_versions()) == {24}
-
-
 def test_a_fault_beyond_max_restarts_in_the_window_ends_the_run(setup, records):
     pool, source = setup
     _in_step(pool, source, version=25)
@@ -394,3 +371,27 @@ def test_a_sync_during_generation_reaches_vllm_mid_request(setup, records, refer
             # the new weights really differ there: the old ones do not explain the later tokens
             assert e_old[spans[1][1] : spans[1][2]].max() > 100 * LOGPROB_TOL
     assert mixed > 0, "the sync did not land while vLLM was generating"
+
+
+def test_a_vllm_engine_that_dies_mid_generation_is_replaced(setup, records, reference):
+    """The engine core process dies (an OOM kill, a crash) under a live actor: the request fails
+    with vLLM's EngineDeadError, which the pool treats as a dead worker; its prompts go to the HF
+    worker."""
+    pool, source = setup
+    weights = _in_step(pool, source, version=max(pool.policy_versions()) + 1)
+    vllm = next(m for m in pool.members if m.kind == "vllm")
+    replaced = pool.replaced
+    core = [p for p in psutil.Process(ray.get(vllm.handle.alive.remote())[0]).children(recursive=True)
+            if "EngineCore" in p.name()]  # fmt: skip
+    assert core, "no vLLM engine core process under the worker"
+    slow = SamplingSpec(n=G, temperature=TEMPERATURE, max_new_tokens=200, seed=0)
+    gen = pool.submit(records, slow)
+    time.sleep(1.0)
+    core[0].kill()
+    comps, _ = pool.collect(gen, timeout_s=300)
+    assert [(c.prompt_id, c.sample_index) for c in comps] == [(r.id, k) for r in records for k in range(G)]
+    processor, model = reference
+    assert _recomputed_logprob_error(comps, records, processor, model, weights) < LOGPROB_TOL
+    assert pool.replaced == replaced + 1 and vllm not in pool.members and pool.joining == 1
+    # (the new vLLM worker would join at the next sync, as the HF ones above do: this test runs
+    # last so that the suite does not wait ~40 s for its start)

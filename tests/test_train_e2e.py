@@ -323,7 +323,7 @@ def test_a_driver_killed_while_it_writes_a_checkpoint_resumes_from_the_last_comp
     tiny_model_dir, synthetic_dir, tmp_path
 ):
     """`train` in its own process, joined to this Ray cluster as under `ray job submit`, killed
-    (SIGKILL) while step 4's checkpoint is being written; `train --resume` goes on from step 2's
+    (SIGKILL) while step 6's checkpoint is being written; `train --resume` goes on from step 4's
     and makes the uninterrupted run's data order, the lost batches regenerated."""
     import subprocess
     import sys
@@ -331,7 +331,7 @@ def test_a_driver_killed_while_it_writes_a_checkpoint_resumes_from_the_last_comp
 
     args = override_list(
         tiny_model_dir, synthetic_dir, tmp_path, *FAULT_ARGS,
-        "algorithm.max_steps=4", "checkpoint.every=2", "resources.job_name=killed-driver",
+        "algorithm.max_steps=6", "checkpoint.every=2", "resources.job_name=killed-driver",
     )  # fmt: skip
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     command = [sys.executable, "-m", "visualthinker_ray", "train", *args]
@@ -339,25 +339,34 @@ def test_a_driver_killed_while_it_writes_a_checkpoint_resumes_from_the_last_comp
     with open(tmp_path / "killed.log", "w") as out:
         driver = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 300
-        while not (ckpts / "step_00000004.tmp").exists():
+        scale = None
+        while not (ckpts / "step_00000006.tmp").exists():
+            if scale is None and (tmp_path / "steps.jsonl").exists():  # training: ask from outside
+                scale = subprocess.Popen(
+                    [sys.executable, "-m", "visualthinker_ray", "scale", "--rollout", "2", "--job", "killed-driver"],
+                    env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                )  # fmt: skip
             assert driver.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "step 4's checkpoint never started"
             time.sleep(0.005)
         driver.kill()
         driver.wait(timeout=30)
-    assert checkpoint.latest(ckpts).name == "step_00000002"  # the one being written is not complete
+    # `scale` found the running job through Ray from another process (as a user runs it)
+    said, _ = scale.communicate(timeout=120)
+    assert scale.returncode == 0 and "asked job 'killed-driver' for 2 rollout worker(s)" in said, said
+    assert checkpoint.latest(ckpts).name == "step_00000004"  # the one being written is not complete
     killed = steps_log(tmp_path)
-    assert [s["step"] for s in killed] == [1, 2, 3, 4]
+    assert [s["step"] for s in killed] == [1, 2, 3, 4, 5, 6]
 
     done = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     logged = steps_log(tmp_path)
-    assert [s["step"] for s in logged] == [1, 2, 3, 4, 3, 4]  # steps 3-4 lost with the driver, redone
-    order = drawn_order(config(tiny_model_dir, synthetic_dir, tmp_path, *args), 4)
-    assert [s["prompt_ids"] for s in killed] == order and [s["prompt_ids"] for s in logged[4:]] == order[2:]
-    assert [p.name for p in checkpoint.complete_checkpoints(ckpts)] == ["step_00000002", "step_00000004"]
+    assert [s["step"] for s in logged] == [1, 2, 3, 4, 5, 6, 5, 6]  # 5-6 lost with the driver, redone
+    order = drawn_order(config(tiny_model_dir, synthetic_dir, tmp_path, *args), 6)
+    assert [s["prompt_ids"] for s in killed] == order and [s["prompt_ids"] for s in logged[6:]] == order[4:]
+    assert [p.name for p in checkpoint.complete_checkpoints(ckpts)] == ["step_00000004", "step_00000006"]
     assert not list(ckpts.glob("*.tmp"))
     scalars = read_scalars(tmp_path)  # TensorBoard holds each step once across the two processes
-    assert [step for step, _ in scalars["reward/total"]] == [1, 2, 3, 4]
+    assert [step for step, _ in scalars["reward/total"]] == [1, 2, 3, 4, 5, 6]
     # one step off, except the first batch and the one regenerated after the resume
-    assert [v for _, v in scalars["offpolicy/staleness_max"]] == [0, 1, 0, 1]
+    assert [v for _, v in scalars["offpolicy/staleness_max"]] == [0, 1, 1, 1, 0, 1]
