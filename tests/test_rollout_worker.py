@@ -385,10 +385,13 @@ def test_a_vllm_engine_that_dies_mid_generation_is_replaced(setup, records, refe
             if "EngineCore" in p.name()]  # fmt: skip
     assert core, "no vLLM engine core process under the worker"
     slow = SamplingSpec(n=G, temperature=TEMPERATURE, max_new_tokens=200, seed=0)
-    gen = pool.submit(records, slow)
-    time.sleep(1.0)
-    core[0].kill()
-    comps, _ = pool.collect(gen, timeout_s=300)
+    pool.hang_timeout_s = 3.0
+    try:
+        gen = pool.submit(records, slow)
+        core[0].kill()  # as its requests arrive: the call may fail, or wait on the dead engine for ever
+        comps, _ = pool.collect(gen, timeout_s=300)  # either way the pool notices
+    finally:
+        pool.hang_timeout_s = 60.0
     assert [(c.prompt_id, c.sample_index) for c in comps] == [(r.id, k) for r in records for k in range(G)]
     processor, model = reference
     assert _recomputed_logprob_error(comps, records, processor, model, weights) < LOGPROB_TOL

@@ -229,6 +229,11 @@ class VLLMEngine:
             self.llm.collective_rpc(method, timeout=timeout_s, **kwargs), timeout_s + RPC_SLACK_S
         )
 
+    def check_alive(self) -> None:
+        """Raise if the engine core process is gone: a call waiting on it may never return."""
+        if self.llm is not None and self.llm.errored:
+            raise RuntimeError("EngineDeadError: this worker's vLLM engine core has died")
+
     def shutdown(self) -> None:
         """Stop the engine core and its workers, then the loop (also at exit and when collected:
         the loop thread would otherwise keep the engine alive)."""

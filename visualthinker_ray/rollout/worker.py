@@ -53,9 +53,12 @@ class RolloutWorker:
     @ray.method(concurrency_group="health")
     def alive(self) -> list[int]:
         """This process and every process under it (vLLM's engine core and its workers): an answer
-        means the actor is not stopped or wedged; the pids let tests check that a kill reaps them."""
+        means the actor is not stopped or wedged; the pids let tests check that a kill reaps them.
+        Raises when the engine has died under the live actor (its generation may hang, not fail)."""
         import psutil
 
+        if hasattr(self.engine, "check_alive"):
+            self.engine.check_alive()
         return [os.getpid()] + [p.pid for p in psutil.Process().children(recursive=True)]
 
     def generate(self, records: list[dict], sampling: dict) -> dict:
