@@ -35,9 +35,6 @@ class RunControl:
     def report(self, status: dict) -> None:
         self._status = status
 
-    def status(self) -> dict:
-        return self._status
-
 
 def create_control(job_name: str, release_wait_s: float = 30.0):
     """The driver's control actor; a second live job with the same name is refused. A driver that
