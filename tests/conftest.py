@@ -29,3 +29,17 @@ def synthetic_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic")
     make_synthetic(out, n_train=48, n_test=24, seed=0)
     return out
+
+
+@pytest.fixture
+def offline_wandb(monkeypatch, tmp_path):
+    """W&B without network or any file outside tmp_path."""
+    for var, value in {
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_CONFIG_DIR": tmp_path / "wandb-config",
+        "WANDB_CACHE_DIR": tmp_path / "wandb-cache",
+        "WANDB_DATA_DIR": tmp_path / "wandb-data",
+    }.items():
+        monkeypatch.setenv(var, str(value))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -73,11 +73,14 @@ def test_reduce_metrics_weights_by_sequences():
 def test_lr_schedules(kind):
     total, warm = 20, 4
     f = [lr_factor(s, total, warm, kind) for s in range(total + 1)]
-    assert f[:warm] == pytest.approx([(s + 1) / (warm + 1) for s in range(warm)])
+    assert f[:warm] == pytest.approx([(s + 1) / warm for s in range(warm)])
     assert f[warm] == 1.0
     for s in range(warm, total + 1):
         p = (s - warm) / (total - warm)
         expected = {"constant": 1.0, "linear": 1 - p, "cosine": 0.5 * (1 + math.cos(math.pi * p))}[kind]
         assert f[s] == pytest.approx(expected)
+        # the same shape decaying to a floor instead of 0 (the toy warm-up's cosine to 10%)
+        floored = lr_factor(s, total, warm, kind, floor=0.1)
+        assert floored == pytest.approx(1.0 if kind == "constant" else 0.1 + 0.9 * expected)
     with pytest.raises(ValueError, match="unknown lr schedule"):
         lr_factor(0, 10, 0, "step")

@@ -8,6 +8,12 @@ import ray
 from safetensors.torch import save_file
 
 from tests.fault_injection import FaultyTrainer
+from tests.tracker_readers import (
+    mlflow_scalars,
+    wandb_runs,
+    wandb_scalars,
+    wandb_tables,
+)
 from visualthinker_ray import checkpoint
 from visualthinker_ray.config import load_config
 from visualthinker_ray.tracking import read_scalars
@@ -90,7 +96,7 @@ def steps_log(log_dir):
 
 
 def test_three_steps_log_metrics_checkpoint_and_survive_bad_reward_plugins(
-    tiny_model_dir, synthetic_dir, tmp_path, monkeypatch
+    tiny_model_dir, synthetic_dir, tmp_path, monkeypatch, offline_wandb
 ):
     plugins = (
         "reward.plugins=[{name: broken, function: 'tests.e2e_plugins:always_raises'},"
@@ -104,9 +110,20 @@ def test_three_steps_log_metrics_checkpoint_and_survive_bad_reward_plugins(
         "reward.timeout_s=0.3",
         plugins,
         "eval.every=2",
+        "logging.trackers=[wandb, mlflow]",
     )
     run(cfg)
     scalars = read_scalars(tmp_path)
+    # W&B (offline) and MLflow (local) got every scalar TensorBoard got, and the step-1 samples
+    (wandb_run,) = wandb_runs(tmp_path)
+    assert wandb_scalars(wandb_run) == {
+        k: [(s, pytest.approx(v)) for s, v in pts] for k, pts in scalars.items()
+    }
+    assert mlflow_scalars(tmp_path) == {
+        k: [(s, pytest.approx(v)) for s, v in pts] for k, pts in scalars.items()
+    }
+    ((sample_step, table),) = wandb_tables(wandb_run)
+    assert sample_step == 1 and len(table["data"]) > 0 and all(row[0] == 1 for row in table["data"])
     missing = [t for t in REQUIRED_TAGS if t not in scalars]
     assert not missing, f"metrics not logged: {missing}"
     for tag in REQUIRED_TAGS:

@@ -254,6 +254,21 @@ class ResourcesConfig(_Section):
 
 class LoggingConfig(_Section):
     dir: str = Field("runs/tiny", description="TensorBoard logs, steps.jsonl, config, final HF export")
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list,
+        description="experiment trackers besides TensorBoard (always on), with the same metrics and "
+        "sample completions: wandb (WANDB_MODE=offline works without network), mlflow; install "
+        "with pip install 'visualthinker-ray[trackers]'",
+    )
+    project: str = Field(
+        "visualthinker-ray", description="W&B project and MLflow experiment the run is logged to"
+    )
+    run_name: str | None = Field(None, description="W&B / MLflow run name (default: the last part of dir)")
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else a local "
+        "sqlite:///<dir>/mlflow.db with artifacts in <dir>/mlflow-artifacts)",
+    )
     sample_every: int = Field(10, ge=1, description="log sample completions every K steps")
     logprob_mismatch_warn: float = Field(
         0.1,

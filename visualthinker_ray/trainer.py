@@ -100,7 +100,7 @@ class Trainer:
         from visualthinker_ray.learner.group import LearnerGroup
         from visualthinker_ray.reward_pool import RewardPool
         from visualthinker_ray.rollout.pool import RolloutPool
-        from visualthinker_ray.tracking import Tracker
+        from visualthinker_ray.tracking import Tracker, check_trackers
 
         self.cfg = cfg
         alg = cfg.algorithm
@@ -126,6 +126,7 @@ class Trainer:
             self.total_steps,
         )
 
+        check_trackers(cfg.logging.trackers)  # before any actor starts
         connect_ray(cfg)
         self.control = create_control(cfg.resources.job_name)  # `scale --job` finds the run through it
         self.grader_restarts = 0
@@ -148,7 +149,11 @@ class Trainer:
         # Resumed or not, the rollout workers start from model.path: give them the learner's weights.
         if self.step > 0:
             self.rollout.sync(self.learner, version=self.step)
-        self.tracker = Tracker(self.log_dir, self.total_steps, start_step=self.step)
+        lg = cfg.logging
+        self.tracker = Tracker(
+            self.log_dir, self.total_steps, start_step=self.step, trackers=lg.trackers, project=lg.project,
+            run_name=lg.run_name, config=cfg.model_dump(mode="json"), mlflow_tracking_uri=lg.mlflow_tracking_uri,
+        )  # fmt: skip
         self.log_dir.mkdir(parents=True, exist_ok=True)
         (self.log_dir / "config.yaml").write_text(dump_config(cfg))
 
@@ -379,6 +384,7 @@ class Trainer:
         cfg = self.cfg
         metrics: dict[str, float] = {}
         evaluated_at = None
+        failed = True
         try:
             if cfg.eval.at_start and self.step == 0:
                 self.evaluate()
@@ -401,8 +407,9 @@ class Trainer:
             if cfg.eval.at_end and evaluated_at != self.step:
                 self.evaluate()
             self.export()
+            failed = False
         finally:
-            self.tracker.close()
+            self.tracker.close(failed)
         return metrics
 
     def save_checkpoint(self) -> Path:

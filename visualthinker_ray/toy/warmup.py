@@ -22,7 +22,6 @@ stays meaningful.
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -34,6 +33,7 @@ from visualthinker_ray.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from visualthinker_ray.data.records import PromptRecord
 from visualthinker_ray.data.sat import join_options, lettered_variant
 from visualthinker_ray.errors import InputError
+from visualthinker_ray.learner.schedule import lr_factor
 
 # Opening sentences per SAT question type. They name what to look at (question words, mostly words
 # the tiny tokenizer knows, so they stay a few tokens long) and never the answer. No self-reflection
@@ -241,14 +241,6 @@ class WarmupSettings:
 REASONINGS = ("template", "grounded")
 
 
-def _lr_factor(step: int, steps: int, warmup_steps: int) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def _batch_order(n: int, batch_size: int, steps: int, rng: random.Random) -> list[list[int]]:
     """Record indices per step: shuffled epochs, concatenated (every record once per epoch)."""
     order: list[int] = []
@@ -365,7 +357,7 @@ def warmup(
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: _lr_factor(s, steps, max(1, warmup_steps))
+            optimizer, lambda s: lr_factor(s, steps, max(1, warmup_steps), "cosine", floor=0.1)
         )
         losses: list[float] = []
         tokens_seen, t_train, t_log, tokens_log = 0, time.perf_counter(), time.perf_counter(), 0
