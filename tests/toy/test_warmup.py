@@ -15,7 +15,7 @@ from visualthinker_ray.data.sat import load_sat
 from visualthinker_ray.rewards import accuracy_reward, extract_answer, format_reward, self_reflection
 from visualthinker_ray.toy import warmup as wu
 
-# Measured (tests/test_warmup.py settings, 2 shared CPU cores): format 0.95-1.0 after the short
+# Measured (tests/toy/test_warmup.py settings, 2 shared CPU cores): format 0.95-1.0 after the short
 # warm-up; the thresholds keep a margin for other seeds / torch builds.
 FORMAT_THRESHOLD = 0.8
 

@@ -36,7 +36,7 @@ def test_no_module_outside_toy_and_the_command_line_names_it():
     commands) may reach the toy subpackage."""
     from pathlib import Path
 
-    package = Path(__file__).resolve().parents[1] / "visualthinker_ray"
+    package = Path(__file__).resolve().parents[2] / "visualthinker_ray"
     naming = [
         str(p.relative_to(package))
         for p in package.rglob("*.py")
