@@ -389,6 +389,7 @@ class Trainer:
             if cfg.eval.at_start and self.step == 0:
                 self.evaluate()
                 evaluated_at = 0
+            log.info("training steps %d-%d", self.step + 1, self.total_steps)
             while self.step < self.total_steps:
                 metrics = self.train_step()
                 self._order_after.pop(self.step - 1, None)  # only the latest is checkpointed
