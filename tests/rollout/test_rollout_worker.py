@@ -124,6 +124,10 @@ def test_sync_makes_every_worker_serve_the_senders_weights(setup, records, refer
     assert out["buckets"] > 1 and len(out["results"]) == 3  # the sender + 2 workers
     _assert_served_weights_equal(pool, updated)
     assert pool.policy_versions() == [1, 1]
+    # vLLM warned about the buffer-only layers no checkpoint carries (rotary caches, image norm)
+    # and the warnings were kept off the console; no layer kept stale weights
+    (warnings,) = ray.get(pool.workers[pool.kinds.index("vllm")].reload_warnings.remote(), timeout=60)
+    assert warnings["passed"] == [] and warnings["silenced"], warnings
 
     comps, _ = pool.generate(records, SAMPLING)
     assert all(c.policy_version == 1 for c in comps)

@@ -283,3 +283,35 @@ def test_a_rank_with_another_handshake_fails_group_creation_naming_the_field(pee
         with pytest.raises(ray.exceptions.RayTaskError, match="disagree on the sync|lost the group's store"):
             ray.get(ref, timeout=30)
     assert time.monotonic() - t0 < 5.0 + 5.0
+
+
+def test_reload_warnings_are_silenced_for_buffer_only_layers_and_skipped_syncs_only():
+    import logging
+
+    from visualthinker_ray.weight_sync.vllm_receiver import _SilenceSkippedLayers, buffer_only_classes
+
+    class Rotary(torch.nn.Module):  # buffers only, like vLLM's rotary caches
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("cache", torch.ones(4))
+
+    class Norm(torch.nn.Module):  # a parameter and a buffer
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(4))
+            self.register_buffer("eps", torch.ones(1))
+
+    model = torch.nn.Sequential(Rotary(), Norm(), torch.nn.Linear(4, 4))
+    assert buffer_only_classes(model) == {"Rotary"}
+
+    quiet = _SilenceSkippedLayers(buffer_only_classes(model))
+
+    def warning(layer):
+        return logging.LogRecord("vllm", logging.WARNING, "", 0, "%s: Failed to load weights", (layer,), None)
+
+    assert not quiet.filter(warning("Rotary"))  # expected on every sync
+    assert quiet.filter(warning("Linear"))  # a layer kept stale weights: the user sees it
+    assert quiet.filter(logging.LogRecord("vllm", logging.WARNING, "", 0, "something else", (), None))
+    quiet.active = True  # a sync that leaves frozen layers out on purpose
+    assert not quiet.filter(warning("Linear"))
+    assert quiet.silenced == {"Rotary": 1, "Linear": 1} and quiet.passed == ["Linear"]

@@ -327,6 +327,10 @@ class VLLMEngine:
         """One raw broadcast into every worker (the benchmark's baseline); the slowest worker's seconds."""
         return max(self._rpc("vtr_receive_flat", self.sync_timeout_s + RPC_SLACK_S, args=(numel, dtype)))
 
+    def reload_warnings(self) -> list[dict]:
+        """Per worker process: vLLM's reload warnings, silenced and passed (tests, debugging)."""
+        return self._rpc("vtr_reload_warnings", self.sync_timeout_s)
+
     def read_weights(self) -> dict[str, torch.Tensor]:
         """The served weights under transformers names, unfused and unpadded, on the CPU (tests,
         debugging; tensor parallel size 1: a TP rank holds only its shard, see compare_weights)."""

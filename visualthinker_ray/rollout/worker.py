@@ -148,6 +148,10 @@ class RolloutWorker:
             return self.engine.read_weights()
         return {n: t.detach().cpu().clone() for n, t in self.engine.model.state_dict().items()}
 
+    def reload_warnings(self) -> list[dict]:
+        """vLLM only: per worker process, the reload warnings its syncs raised (see vllm_receiver)."""
+        return self.engine.reload_warnings()
+
     def compare_weights(self, safetensors_path: str) -> list[dict]:
         """vLLM only: per worker (TP rank), the served tensors that differ from the file's weights
         as vLLM's own loader places them (tests; works for any tensor parallel size)."""

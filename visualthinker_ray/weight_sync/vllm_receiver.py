@@ -54,16 +54,41 @@ class GroupUpdateInfo:
     skipped: int = 0  # parameters left out of this sync (frozen ones, whole layers)
 
 
+def buffer_only_classes(model: torch.nn.Module) -> set[str]:
+    """Class names of the layers that hold buffers and never a parameter (rotary caches, the image
+    mean/std of the fused input norm): no checkpoint carries them, so vLLM's reload warns "Failed to
+    load weights" for each of them on every sync, and keeps them, which is right."""
+    with_params = {
+        type(m).__name__ for m in model.modules() if next(m.parameters(recurse=False), None) is not None
+    }
+    with_buffers = {
+        type(m).__name__ for m in model.modules() if next(m.buffers(recurse=False), None) is not None
+    }
+    return with_buffers - with_params
+
+
 class _SilenceSkippedLayers(logging.Filter):
-    # A sync that leaves out frozen layers makes vLLM's reload warn "Failed to load weights" for
-    # each of them, every sync; it puts their old tensors back, which is what a skip means. Only
-    # while such a sync runs: on a full sync the warning means a layer kept stale weights.
-    def __init__(self):
+    # vLLM's reload warns "<Layer>: Failed to load weights" for each layer a sync did not fill, every
+    # sync, and puts the layer's old tensors back. Expected for buffer-only layers (always) and for
+    # the layers a sync leaves out on purpose (frozen ones: while such a sync runs). Any other layer
+    # kept stale weights: that warning stays.
+    def __init__(self, always: set[str]):
         super().__init__()
+        self.always = always
         self.active = False
+        self.silenced: dict[str, int] = {}  # layer class -> warnings dropped
+        self.passed: list[str] = []  # layer classes that kept stale weights
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (self.active and "Failed to load weights" in record.getMessage())
+        message = record.getMessage()
+        if not message.endswith(": Failed to load weights"):
+            return True
+        layer = message.split(":", 1)[0]
+        if self.active or layer in self.always:
+            self.silenced[layer] = self.silenced.get(layer, 0) + 1
+            return False
+        self.passed.append(layer)
+        return True
 
 
 def _engine_class():
@@ -84,7 +109,7 @@ def _engine_class():
         def __init__(self, config, vllm_config, device, model):
             super().__init__(config, vllm_config, device, model)
             self.group: SyncGroup | None = None
-            self.quiet = _SilenceSkippedLayers()
+            self.quiet = _SilenceSkippedLayers(buffer_only_classes(model))
             logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(self.quiet)
 
         @property
@@ -192,6 +217,12 @@ class WorkerExtension:
             )
             for n, t in _read_served_weights(self).items()
         }
+
+    def vtr_reload_warnings(self) -> dict:
+        """vLLM's "Failed to load weights" warnings in this worker since it started: those silenced
+        by layer class, and the layers that passed the filter (stale weights)."""
+        quiet = self.weight_transfer_engine.quiet
+        return {"silenced": dict(quiet.silenced), "passed": list(quiet.passed)}
 
     def vtr_compare_with_checkpoint(self, path: str) -> dict:
         """Are this worker's served weights exactly those that vLLM's own loader makes of the
