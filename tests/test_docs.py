@@ -2,6 +2,7 @@
 the files and figures it names are in the repository, and it stays a page (at most 20 KB)."""
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,22 @@ def test_every_repository_file_a_document_names_exists(doc):
     missing = [p for p in links if not (base / p).exists()] + [p for p in paths if not (REPO / p).exists()]
     missing = [p for p in missing if p != "bench/results/gpu_check.json"]  # written by the GPU check
     assert not missing, f"{doc} names files that are not in the repository: {missing}"
+
+
+EXPERIMENTS = REPO / "docs" / "experiments"
+
+
+@pytest.mark.parametrize(
+    "script", sorted(p.name for p in EXPERIMENTS.glob("*.py") if "\nROOT = " in p.read_text())
+)
+def test_every_experiment_script_finds_the_repository(script, monkeypatch):
+    """The research scripts run from docs/experiments/: their paths (config, artifacts, results)
+    hang off ROOT, which must be the repository root."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))  # as when the script runs: its helpers beside it
+    spec = importlib.util.spec_from_file_location(f"experiment_{script[:-3]}", EXPERIMENTS / script)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    assert Path(module.ROOT) == REPO

@@ -36,7 +36,7 @@ from visualthinker_ray.toy.synthetic import make_synthetic
 from visualthinker_ray.toy.tiny_model import make_tiny_model
 from visualthinker_ray.toy.warmup import grounded_batch, warmup
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 IMAGE_SIZE = 112
 PIXELS = IMAGE_SIZE * IMAGE_SIZE
 FIELDS = ("x", "y", "size", "count")

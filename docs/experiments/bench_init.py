@@ -28,7 +28,7 @@ from visualthinker_ray.models import load_model, load_processor
 from visualthinker_ray.toy.synthetic import make_one_object_color_question, sat_row
 from visualthinker_ray.toy.tiny_model import INITS, make_tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WINDOW = 100
 
 

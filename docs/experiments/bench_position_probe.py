@@ -47,7 +47,7 @@ from visualthinker_ray.toy.tiny_model import (
     tiny_model_config,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 IMAGE_SIZE = 112
 PIXELS = (IMAGE_SIZE * IMAGE_SIZE, IMAGE_SIZE * IMAGE_SIZE)
 PROBES = ("color", "side")

@@ -53,7 +53,7 @@ from visualthinker_ray.toy.tiny_model import (
     tiny_model_config,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TASKS = ("Depth", "Count", "Relation", "Distance")
 
 

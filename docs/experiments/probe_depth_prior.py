@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from visualthinker_ray.data.cvbench import load_cvbench
 from visualthinker_ray.rewards import extract_answer, normalize_answer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHAPE_RANK = {"square": 3, "circle": 2, "triangle": 1}  # area at equal radius: 4r^2 > pi r^2 > 2r^2
 KINDS = ("same shape", "prior right", "prior wrong")
 

@@ -38,7 +38,7 @@ from visualthinker_ray.models import load_model, load_processor
 from visualthinker_ray.sequences import build_batch, completion_logprobs, encode_prompt
 from visualthinker_ray.toy import warmup as wu
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def blank_like(image_bytes: bytes) -> bytes:
