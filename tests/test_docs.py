@@ -76,3 +76,16 @@ def test_every_experiment_script_finds_the_repository(script, monkeypatch):
     monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
     spec.loader.exec_module(module)
     assert Path(module.ROOT) == REPO
+
+
+def test_every_benchmark_result_file_is_cited_by_a_document():
+    """bench/results/ holds what the documents show; a file nobody cites goes."""
+    docs = [
+        REPO / "README.md",
+        REPO / "bench" / "README.md",
+        *REPO.glob("docs/**/*.md"),
+        *REPO.glob("cluster/*.md"),
+    ]
+    text = "\n".join(p.read_text() for p in docs)
+    uncited = [p.name for p in sorted((REPO / "bench" / "results").iterdir()) if p.name not in text]
+    assert not uncited, f"no document cites {uncited}: cite them where their figures are, or delete them"
