@@ -182,6 +182,8 @@ class Tracker:
     ):
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        # The trainer already called check_trackers before its actors started; other callers
+        # (tests, scripts) get the same clear error here rather than an ImportError in a sink.
         check_trackers(list(trackers))
         name = run_name or self.log_dir.resolve().name
         ids_file = self.log_dir / "trackers.json"

@@ -153,8 +153,7 @@ class Trainer:
         self.tracker = Tracker(
             self.log_dir, self.total_steps, start_step=self.step, trackers=lg.trackers, project=lg.project,
             run_name=lg.run_name, config=cfg.model_dump(mode="json"), mlflow_tracking_uri=lg.mlflow_tracking_uri,
-        )  # fmt: skip
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        )  # fmt: skip (the Tracker made log_dir)
         (self.log_dir / "config.yaml").write_text(dump_config(cfg))
 
     # -- one RL step ----------------------------------------------------------------------------------
