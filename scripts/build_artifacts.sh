@@ -37,13 +37,15 @@ build() {
 }
 
 M=visualthinker_ray
-# The embedded default (README, "Status of the toy-scale learning run"): a fan-in tiny model with
-# text M-RoPE base 10 (so image columns get distinct rotations); SAT "depth" and CV-Bench Depth
-# questions about two objects of ONE shape (only the image says which is closer); a grounded
-# warm-up of 10,000 steps (about 31 minutes on 2 cores, once: the folder is reused afterwards).
+# The embedded default (docs/README.md): a fan-in tiny model with text M-RoPE base 10 (so image
+# columns get distinct rotations); SAT "depth" and CV-Bench Depth questions about two objects of ONE
+# shape (only the image says which is closer); 8,192 SAT rows, so the RL run sees every prompt once;
+# a grounded warm-up of 10,000 steps on the first 4,096 of them (about 31 minutes on 2 cores, once:
+# the folder is reused afterwards). Rows are made one by one from (seed, split, row), so the first
+# 4,096 rows, and the held-out set, are those of the 4,096-row data the start model was built on.
 model_cmd="$PY -m $M make-tiny-model --out $ROOT/tiny-model --seed 0 --init fan_in --rope-theta 10"
-data_cmd="$PY -m $M make-synthetic --out $ROOT/data --train 4096 --test 256 --seed 0 --question-types depth --cvbench-tasks Depth --same-shape-sizes ${DATA_ARGS:-}"
-warm_cmd="$PY -m $M warmup --model $ROOT/tiny-model --data $ROOT/data/SAT --out $ROOT/warm-model --reasoning grounded --steps 10000 --lr 1e-3 --log-every 500 --max-new-tokens 96 ${WARMUP_ARGS:-}"
+data_cmd="$PY -m $M make-synthetic --out $ROOT/data --train 8192 --test 256 --seed 0 --question-types depth --cvbench-tasks Depth --same-shape-sizes ${DATA_ARGS:-}"
+warm_cmd="$PY -m $M warmup --model $ROOT/tiny-model --data $ROOT/data/SAT --out $ROOT/warm-model --limit 4096 --reasoning grounded --steps 10000 --lr 1e-3 --log-every 500 --max-new-tokens 96 ${WARMUP_ARGS:-}"
 
 # shellcheck disable=SC2086  # the commands are word-split on purpose
 build "$ROOT/data" "$(key "$data_cmd" $M/toy/synthetic.py $M/data/cvbench.py)" $data_cmd

@@ -125,6 +125,23 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
         assert (tmp_path / "a" / rel).read_bytes() != (tmp_path / "c" / rel).read_bytes(), rel
 
 
+def test_more_training_rows_keep_the_first_rows_and_the_other_splits(tmp_path):
+    # The default data (8,192 rows) must start with the 4,096 rows the shipped start model was warmed
+    # up on, with the same held-out set: build_artifacts.sh relies on it (warmup --limit 4096).
+    import pyarrow.parquet as pq
+
+    small = syn.make_synthetic(tmp_path / "small", n_train=6, n_test=4, seed=0, question_types=["depth"],
+                               cvbench_tasks=["Depth"], same_shape_sizes=True)  # fmt: skip
+    syn.make_synthetic(tmp_path / "big", n_train=14, n_test=4, seed=0, question_types=["depth"],
+                       cvbench_tasks=["Depth"], same_shape_sizes=True)  # fmt: skip
+    for rel in small["files"]:
+        a, b = pq.read_table(tmp_path / "small" / rel), pq.read_table(tmp_path / "big" / rel)
+        if "train" in rel or "static" in rel:
+            assert b.num_rows > a.num_rows and b.slice(0, a.num_rows).equals(a), rel
+        else:
+            assert b.equals(a), rel
+
+
 def test_question_generation_is_pure_for_its_generator():
     for qtype in syn.QUESTION_TYPES + (syn.MOTION_TYPE,):
         q1 = syn.make_question(random.Random(7), qtype)
