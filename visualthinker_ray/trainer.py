@@ -149,11 +149,11 @@ class Trainer:
         # Resumed or not, the rollout workers start from model.path: give them the learner's weights.
         if self.step > 0:
             self.rollout.sync(self.learner, version=self.step)
-        lg = cfg.logging
+        lg = cfg.logging  # the Tracker makes log_dir
         self.tracker = Tracker(
             self.log_dir, self.total_steps, start_step=self.step, trackers=lg.trackers, project=lg.project,
             run_name=lg.run_name, config=cfg.model_dump(mode="json"), mlflow_tracking_uri=lg.mlflow_tracking_uri,
-        )  # fmt: skip (the Tracker made log_dir)
+        )  # fmt: skip
         (self.log_dir / "config.yaml").write_text(dump_config(cfg))
 
     # -- one RL step ----------------------------------------------------------------------------------
