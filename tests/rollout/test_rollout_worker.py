@@ -340,12 +340,17 @@ def test_a_sync_during_generation_reaches_vllm_mid_request(setup, records, refer
     pool.sync(source, version=version)  # every worker serves the source's weights (after earlier tests)
     old = ray.get(source.weights.remote())
     sampling = SamplingSpec(n=G, temperature=TEMPERATURE, max_new_tokens=300, seed=0)
-    ref = pool.workers[pool.kinds.index("vllm")].generate.remote(
-        [r.to_dict() for r in records], sampling_to_dict(sampling)
-    )
-    time.sleep(1.0)  # it is generating (8 x 300 tokens take several seconds here)
-    ray.get(source.perturb.remote(seed=5))
+    vllm_worker = pool.workers[pool.kinds.index("vllm")]
+    args = ([r.to_dict() for r in records], sampling_to_dict(sampling))
+    # How long this request takes here (seeded: the same tokens again below). A fixed sleep lands
+    # the sync after the end on a fast machine, where the completions stop early at EOS.
+    t0 = time.perf_counter()
+    ray.get(vllm_worker.generate.remote(*args), timeout=300)
+    generate_s = time.perf_counter() - t0
+    ray.get(source.perturb.remote(seed=5))  # the next version, ready before the request starts
     new = ray.get(source.weights.remote())
+    ref = vllm_worker.generate.remote(*args)
+    time.sleep(generate_s / 3)  # it is generating
     pool.sync(source, version=version + 1)
     comps = [Completion(**c) for c in ray.get(ref, timeout=300)["completions"]]
     assert set(pool.policy_versions()) == {version + 1}
@@ -368,7 +373,7 @@ def test_a_sync_during_generation_reaches_vllm_mid_request(setup, records, refer
             assert spans[0][0] == version and spans[1][0] == version + 1
             # the new weights really differ there: the old ones do not explain the later tokens
             assert e_old[spans[1][1] : spans[1][2]].max() > 100 * LOGPROB_TOL
-    assert mixed > 0, "the sync did not land while vLLM was generating"
+    assert mixed > 0, f"the sync did not land while vLLM was generating (a request takes {generate_s:.2f} s)"
 
 
 def test_a_vllm_engine_that_dies_mid_generation_is_replaced(setup, records, reference):
