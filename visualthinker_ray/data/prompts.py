@@ -6,9 +6,10 @@ reference code broke on the base Qwen2-VL template and users had to copy templat
 
 from __future__ import annotations
 
+import contextlib
 import io
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from visualthinker_ray.data.records import PromptRecord
 from visualthinker_ray.errors import InputError
@@ -50,11 +51,42 @@ def build_prompt(record: PromptRecord, style: str = "base", processor=None) -> s
     raise InputError(f"unknown prompt style {style!r}; use 'base' or 'instruct'")
 
 
-def load_images(record: PromptRecord, min_pixels: int, max_pixels: int) -> list[Image.Image]:
-    """Decode a record's images and resize them as Qwen2-VL expects.
+# What a transparent pixel becomes. White, because it is what the picture looks like on a page
+# and what qwen_vl_utils (RGBA) and vLLM (any transparency, from 0.33 on) composite onto; the colour
+# stored under a fully transparent pixel (a palette's key colour, an RGBA pixel's RGB) is not meant
+# to be seen and is often arbitrary.
+BACKGROUND = (255, 255, 255)
 
-    Both the engine and the learner call this with the same limits, so both expand each image to
-    the same number of <|image_pad|> tokens.
+
+def plain_rgb(img: Image.Image) -> Image.Image:
+    """One decoded image as plain RGB pixels, the same whatever reads it next.
+
+    Every kind of transparency (an alpha channel: RGBA, LA, PA; a transparent palette index or key
+    colour: `info["transparency"]` of P, L, RGB) is composited onto BACKGROUND here, once. Without
+    this, qwen_vl_utils turns a palette PNG with a transparent index into an RGB image that still
+    carries the key colour in `info["transparency"]`: vLLM 0.32 and transformers keep those pixels,
+    vLLM 0.33 whitens them, and engine and learner would score different pictures. The EXIF
+    orientation is applied for the same reason (vLLM applies it to the images it gets, transformers
+    does not). The result has an empty `info`: nothing is left for anyone to convert.
+    """
+    # a corrupt EXIF block: keep the stored orientation (the block is dropped below)
+    with contextlib.suppress(Exception):
+        img = ImageOps.exif_transpose(img)
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        rgba = img.convert("RGBA")  # PIL turns a transparent index or key colour into alpha 0
+        out = Image.new("RGB", rgba.size, BACKGROUND)
+        out.paste(rgba, mask=rgba.getchannel("A"))
+    else:
+        out = img.convert("RGB")
+    out.info = {}
+    return out
+
+
+def load_images(record: PromptRecord, min_pixels: int, max_pixels: int) -> list[Image.Image]:
+    """Decode a record's images, make them plain RGB (`plain_rgb`) and resize them as Qwen2-VL expects.
+
+    Both the engine and the learner call this with the same limits, so both get the same pixels and
+    expand each image to the same number of <|image_pad|> tokens.
     """
     from qwen_vl_utils import fetch_image
 
@@ -63,6 +95,7 @@ def load_images(record: PromptRecord, min_pixels: int, max_pixels: int) -> list[
         try:
             img = Image.open(io.BytesIO(data))
             img.load()
+            img = plain_rgb(img)
         except Exception as e:
             raise InputError(f"record {record.id}: image {i} cannot be decoded ({e})") from e
         images.append(fetch_image({"image": img, "min_pixels": min_pixels, "max_pixels": max_pixels}))
