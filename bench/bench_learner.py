@@ -76,6 +76,7 @@ def main() -> None:
                 f"learner.num_workers={world}",
                 "learner.micro_batch_tokens=4096",
                 f"learner.cpu_threads={threads if threads else 'null'}",
+                "algorithm.tis_cap=null",  # synthetic items: no engine log-probs to weight by
             ],
         )
         items = items or make_items(model_dir, tmp / "data", args.prompts, args.group, args.tokens, cfg)

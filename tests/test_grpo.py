@@ -666,3 +666,109 @@ def test_without_a_cap_the_behaviour_policy_is_only_measured():
         policy_loss(logp, old, ref, adv, mask, beta=0.04, tis_cap=2.0)
     with pytest.raises(ValueError, match="ratio_level"):
         policy_loss(logp, old, ref, adv, mask, beta=0.04, ratio_level="sentence")
+
+
+# --------------------------------------------------------------------------------------------------
+# The decoupled objective: ratio against the proximal policy, weights proximal / engine
+
+
+def plain_weighted_loss(logp, old, behaviour, adv, mask, level, mode, cap, low):
+    """The clipped loss (beta 0, sequence token means) with the importance weight written out per
+    sequence from nested lists: token w_t = exp(old_t - b_t); sequence: prod_t w_t; geometric:
+    exp(mean_t log w_t); truncate: min(w, cap); mask: 0 outside [low, cap]. Returns (loss, raw)."""
+    terms, raws = [], []
+    for i in range(len(logp)):
+        idx = [j for j in range(len(logp[i])) if mask[i][j]]
+        if not idx:
+            continue
+        logs = {j: old[i][j] - behaviour[i][j] for j in idx}
+        if level == "sequence":
+            w = {j: math.exp(sum(logs.values())) for j in idx}
+        elif level == "geometric":
+            w = {j: math.exp(sum(logs.values()) / len(idx)) for j in idx}
+        else:
+            w = {j: math.exp(logs[j]) for j in idx}
+        per_tok = []
+        for j in idx:
+            ratio = math.exp(logp[i][j] - old[i][j])
+            pg = -min(ratio * adv[i], min(max(ratio, 0.8), 1.2) * adv[i])
+            if mode == "truncate":
+                applied = min(w[j], cap)
+            else:
+                applied = 0.0 if (w[j] > cap or w[j] < (low or 0.0)) else w[j]
+            per_tok.append(applied * pg)
+            raws.append(w[j])
+        terms.append(sum(per_tok) / len(per_tok))
+    return sum(terms) / max(len(terms), 1), raws
+
+
+@pytest.mark.parametrize(
+    "level,mode,cap,low",
+    [
+        ("token", "truncate", 1.5, None),
+        ("sequence", "truncate", 1.1, None),
+        ("geometric", "truncate", 1.1, None),
+        ("token", "mask", 1.3, 0.7),
+        ("sequence", "mask", 1.3, 0.5),
+        ("geometric", "mask", 1.2, None),
+    ],
+)
+def test_importance_weights_at_each_level_and_bound_match_a_plain_computation(level, mode, cap, low):
+    torch.manual_seed(11)
+    b, t = 6, 5
+    logp, old, _, adv = random_inputs(b, t, spread=0.1)
+    behaviour = old + 0.25 * torch.randn(b, t, dtype=torch.float64)
+    mask = random_mask(b, t, empty_rows=1)
+    kw = dict(behaviour_logp=behaviour, tis_cap=cap, is_level=level, is_mode=mode, is_low=low)
+    loss, metrics = policy_loss(logp, old, None, adv, mask, beta=0.0, **kw)
+    lists = [x.tolist() for x in (logp, old, behaviour, adv, mask)]
+    expected, raws = plain_weighted_loss(*lists, level, mode, cap, low)
+    assert loss.item() == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert metrics["is_weight_mean"] == pytest.approx(sum(raws) / len(raws), rel=1e-9)
+    cut = [w > cap or (mode == "mask" and w < (low or 0.0)) for w in raws]
+    assert metrics["is_truncated_frac"] == pytest.approx(sum(cut) / len(cut))
+    assert 0 < sum(cut) < len(cut)  # the bound really cut some tokens and kept others here
+
+
+def test_the_ratio_is_taken_against_the_proximal_policy_and_the_weight_against_the_engine():
+    """A stale or bf16 engine gave every token e^-1 of the learner's probability. With the proximal
+    policy as the ratio's base (old = logp at the start of the update) the ratio is 1: nothing is
+    clipped, the gradient flows, weighted by min(e, cap) (PITFALLS: with the ratio against the
+    engine every positive-advantage token would be past the clip and the weight exactly 1)."""
+    logp = torch.tensor([[-1.0, -2.0, -0.5]], dtype=torch.float64, requires_grad=True)
+    behaviour = logp.detach() - 1.0
+    adv, mask = torch.tensor([1.0], dtype=torch.float64), torch.ones(1, 3)
+    loss, m = policy_loss(
+        logp, logp.detach(), None, adv, mask, beta=0.0, behaviour_logp=behaviour, tis_cap=2.0
+    )
+    assert m["clip_frac"] == 0.0 and m["ratio_mean"] == pytest.approx(1.0)
+    assert m["is_weight_mean"] == pytest.approx(math.e) and m["is_truncated_frac"] == 1.0
+    assert m["engine_abs_log_ratio"] == pytest.approx(1.0)
+    assert m["engine_kl_k3"] == pytest.approx(math.exp(-1.0) + 1.0 - 1.0)  # k3 at r = b - old = -1
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert torch.allclose(grad, torch.full((1, 3), -2.0 / 3, dtype=torch.float64))  # -cap * A / T
+
+
+def test_gspo_takes_its_sequence_ratio_against_the_proximal_policy():
+    """Engine numerics of 0.01 nats a token would push GSPO's sequence ratio (3e-4 band) past the
+    clip if taken against the engine; against the proximal policy it stays at 1 and trains."""
+    logp = torch.tensor([[-1.0, -2.0]], dtype=torch.float64, requires_grad=True)
+    behaviour = logp.detach() + 0.01
+    adv, mask = torch.tensor([1.0], dtype=torch.float64), torch.ones(1, 2)
+    kw = dict(beta=0.0, clip_low=3e-4, clip_high=4e-4, ratio_level="sequence", behaviour_logp=behaviour)
+    loss, m = policy_loss(logp, logp.detach(), None, adv, mask, tis_cap=2.0, is_level="geometric", **kw)
+    assert m["clip_frac"] == 0.0
+    assert m["is_weight_mean"] == pytest.approx(math.exp(-0.01))
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert (grad != 0).all()
+
+
+def test_bad_importance_weight_options_are_refused():
+    logp, old, ref, adv = random_inputs(2, 3)
+    mask, b = torch.ones(2, 3), old - 0.1
+    with pytest.raises(ValueError, match="importance-weight level"):
+        policy_loss(logp, old, None, adv, mask, beta=0.0, behaviour_logp=b, tis_cap=2.0, is_level="word")
+    with pytest.raises(ValueError, match="importance-weight mode"):
+        policy_loss(logp, old, None, adv, mask, beta=0.0, behaviour_logp=b, tis_cap=2.0, is_mode="clip")
+    with pytest.raises(ValueError, match="is_low"):
+        policy_loss(logp, old, None, adv, mask, beta=0.0, behaviour_logp=b, tis_cap=2.0, is_low=0.5)

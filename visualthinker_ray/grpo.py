@@ -20,8 +20,12 @@ __all__ = [
     "AGG_MODES",
     "RATIO_LEVELS",
     "GroupAdvantages",
+    "IS_LEVELS",
+    "IS_MODES",
+    "ImportanceWeights",
     "balance_by_tokens",
     "group_advantages",
+    "importance_weights",
     "kl_k3",
     "loss_denominator",
     "masked_mean",
@@ -291,6 +295,59 @@ def _aggregate(
     return total / count.clamp(min=1)
 
 
+IS_LEVELS = ("token", "sequence", "geometric")
+IS_MODES = ("truncate", "mask")
+
+
+@dataclass(frozen=True)
+class ImportanceWeights:
+    raw: Tensor  # [B, T] pi_proximal / pi_engine at the chosen level, broadcast to the tokens
+    applied: Tensor  # [B, T] what multiplies each token's policy term (truncated or masked)
+    cut: Tensor  # [B, T] bool: the bound changed this token's weight (capped, or masked to 0)
+
+
+def _check_is(level: str, mode: str, cap: float | None, low: float | None) -> None:
+    if level not in IS_LEVELS:
+        raise ValueError(f"unknown importance-weight level {level!r}; valid: {', '.join(IS_LEVELS)}")
+    if mode not in IS_MODES:
+        raise ValueError(f"unknown importance-weight mode {mode!r}; valid: {', '.join(IS_MODES)}")
+    if low is not None and (mode != "mask" or cap is None or not 0 <= low < cap):
+        raise ValueError(f"is_low needs is_mode='mask' and 0 <= is_low < tis_cap, got {low} (cap {cap})")
+
+
+def importance_weights(
+    proximal: Tensor,
+    behaviour: Tensor,
+    valid: Tensor,
+    level: str = "token",
+    mode: str = "truncate",
+    cap: float | None = None,
+    low: float | None = None,
+) -> ImportanceWeights:
+    """pi_proximal / pi_engine of the sampled tokens, and what the bound makes of it.
+
+    level: token (one weight per token); sequence (the product over the sequence's tokens, exp of
+    the summed log ratio: unbiased for the whole sequence, high variance on long ones); geometric
+    (exp of the mean log ratio: GSPO's length normalisation). mode: truncate multiplies by
+    min(w, cap); mask keeps w inside [low, cap] and drops the token (sequence) outside it (weight 0,
+    counted in `cut`). Without a cap the weights are only measured (applied = 1).
+    """
+    _check_is(level, mode, cap, low)
+    log_w = torch.where(valid, proximal - behaviour, torch.zeros_like(proximal))
+    if level == "sequence":
+        log_w = log_w.sum(dim=1, keepdim=True).expand_as(log_w)
+    elif level == "geometric":
+        log_w = masked_mean(log_w, valid, dim=1)[:, None].expand_as(log_w)
+    # Clamped before exp: a sequence product can overflow float32; the bound cuts it anyway.
+    raw = torch.exp(log_w.clamp(max=80.0))
+    if cap is None:
+        return ImportanceWeights(raw, torch.ones_like(raw), torch.zeros_like(valid))
+    if mode == "truncate":
+        return ImportanceWeights(raw, raw.clamp(max=cap), valid & (raw > cap))
+    outside = (raw > cap) | (raw < (low or 0.0))
+    return ImportanceWeights(raw, torch.where(outside, torch.zeros_like(raw), raw), valid & outside)
+
+
 def policy_loss(
     logp: Tensor,
     old_logp: Tensor,
@@ -307,6 +364,9 @@ def policy_loss(
     ratio_level: str = "token",
     behaviour_logp: Tensor | None = None,
     tis_cap: float | None = None,
+    is_level: str = "token",
+    is_mode: str = "truncate",
+    is_low: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Clipped GRPO loss with a k3 KL penalty, and its metrics.
 
@@ -322,10 +382,14 @@ def policy_loss(
     clipped as a whole; each token of the sequence carries the sequence's term (so agg
     seq_mean_token_mean averages the sequence terms).
 
-    behaviour_logp (the engine's log-probs of the sampled tokens) with tis_cap: truncated importance
-    sampling, each token's policy term weighted by min(exp(old_logp - behaviour_logp), tis_cap), a
-    constant. It corrects for sampling from a policy that differs from old_logp (bf16 kernels on
-    GPU, or a stale engine when old_logp is the learner's own recomputation).
+    The decoupled objective (AReaL; the TIS work): old_logp is the *proximal* policy, the learner's
+    weights at the start of this update, and the PPO ratio is taken against it, whatever sampled the
+    tokens. behaviour_logp (the engine's log-probs of the sampled tokens) with tis_cap weights each
+    token's policy term by the importance weight pi_proximal / pi_engine (importance_weights: per
+    token, per sequence or its geometric mean; truncated at tis_cap, or tokens / sequences outside
+    [is_low, tis_cap] masked out), a constant. That one weight corrects both a stale engine
+    (one-step-off) and engine/learner numerics (bf16 kernels), which the clip alone cannot tell
+    apart from the policy's own movement.
 
     With old_logp = logp.detach() (one update per rollout) the value and the gradient equal the reference recipe's
     -[exp(logp - logp.detach()) * A - beta * KL]. Metrics are local to this call (they ignore
@@ -351,6 +415,7 @@ def policy_loss(
         raise ValueError(f"unknown ratio_level {ratio_level!r}; valid: {', '.join(RATIO_LEVELS)}")
     if tis_cap is not None and (behaviour_logp is None or not tis_cap > 0):
         raise ValueError(f"tis_cap needs behaviour_logp and a value > 0, got tis_cap={tis_cap}")
+    _check_is(is_level, is_mode, tis_cap, is_low)
     if behaviour_logp is not None and behaviour_logp.shape != logp.shape:
         raise ValueError(
             f"behaviour_logp shape {tuple(behaviour_logp.shape)} != logp shape {tuple(logp.shape)}"
@@ -374,9 +439,12 @@ def policy_loss(
     unclipped = ratio * adv
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
     pg = -torch.minimum(unclipped, clipped)
-    if tis_cap is not None:
+    weights = None
+    if behaviour_logp is not None:
         behaviour = torch.where(valid, behaviour_logp.detach().to(dtype), zero)
-        pg = pg * torch.exp(old - behaviour).clamp(max=tis_cap)
+        weights = importance_weights(old, behaviour, valid, is_level, is_mode, tis_cap, is_low)
+        if tis_cap is not None:
+            pg = pg * weights.applied
 
     kl = None
     if ref_logp is not None:
@@ -407,15 +475,18 @@ def policy_loss(
             "adv_max": adv_stats[2],
             "adv_min": adv_stats[3],
         }
-        if behaviour_logp is not None:
-            raw = torch.exp(old - torch.where(valid, behaviour_logp.detach().to(dtype), zero))
+        if weights is not None:
+            raw = weights.raw
             w_max, w_min = _masked_extremes(raw, valid)
             stats.update(
                 is_weight_mean=torch.where(valid.any(), masked_mean(raw, valid), 1.0),
                 is_weight_max=w_max,
                 is_weight_min=w_min,
-                # tokens whose weight the cap cut (0 without a cap)
-                is_truncated_frac=masked_mean((raw > tis_cap).float(), valid) if tis_cap else zero.sum(),
+                # tokens whose weight the cap cut (truncate) or that were dropped (mask); 0 without a cap
+                is_truncated_frac=masked_mean(weights.cut.float(), valid) if tis_cap else zero.sum(),
+                # the engine's distance from the proximal policy on these tokens, in every mode
+                engine_kl_k3=masked_mean(kl_k3(old, behaviour), valid),
+                engine_abs_log_ratio=masked_mean((old - behaviour).abs(), valid),
             )
         values = torch.stack([v.to(dtype).reshape(()) for v in stats.values()]).tolist()  # one sync
     metrics = dict(zip(stats.keys(), values, strict=True))

@@ -169,11 +169,13 @@ class LearnerGroup:
         ]
         return reduce_metrics(_wait_all(refs, self.timeout_s, "learner train step"))
 
-    def compute_logprobs(self, items: list[TrainItem], use_reference: bool = False) -> list[list[float]]:
-        """Per-item completion log-probs, in the items' order."""
+    def compute_logprobs(
+        self, items: list[TrainItem], use_reference: bool = False, raw: bool = False
+    ) -> list[list[float]]:
+        """Per-item completion log-probs, in the items' order (raw: temperature 1, no bans)."""
         plans, _ = self._plan(items, 1)
         refs = [
-            w.compute_logprobs.remote([items[i] for i in p.items], p.mini_batches[0], use_reference)
+            w.compute_logprobs.remote([items[i] for i in p.items], p.mini_batches[0], use_reference, raw)
             for w, p in zip(self.workers, plans, strict=True)
         ]
         out: list = [None] * len(items)
