@@ -202,10 +202,24 @@ class AlgorithmConfig(_Section):
         "for weights recent enough, so nothing is dropped",
     )
     tis_cap: float | None = Field(
-        None,
+        2.0,
         gt=0,
-        description="truncated importance sampling: weight each token by min(learner/engine probability "
-        "ratio, tis_cap) (e.g. 2.0); None: off",
+        description="importance weights pi_proximal / pi_engine on every token's policy term, bounded "
+        "by this (truncated, or masked with is_mode=mask): corrects one-step-off staleness and the "
+        "engine's numerics (bf16 vLLM against the learner); null: off, the weights only logged",
+    )
+    is_level: Literal["token", "sequence", "geometric"] = Field(
+        "token",
+        description="importance weight per token, per sequence (product over its tokens), or the "
+        "sequence's geometric mean (GSPO's length normalisation)",
+    )
+    is_mode: Literal["truncate", "mask"] = Field(
+        "truncate",
+        description="truncate: min(weight, tis_cap); mask: drop tokens (sequences) whose weight leaves "
+        "[is_low, tis_cap] (counted in learner/is_truncated_frac)",
+    )
+    is_low: float | None = Field(
+        None, ge=0, description="lower bound of is_mode=mask (e.g. 0.5); None: no lower bound"
     )
     dynamic_sampling: bool = Field(
         False, description="replace groups whose rewards are all equal by groups of further prompts"
@@ -232,6 +246,17 @@ class AlgorithmConfig(_Section):
         for key, value in defaults.items():
             if key not in self.model_fields_set:
                 object.__setattr__(self, key, value)
+        return self
+
+    @model_validator(mode="after")
+    def _is_bounds(self) -> AlgorithmConfig:
+        if self.is_low is not None and (
+            self.is_mode != "mask" or self.tis_cap is None or self.is_low >= self.tis_cap
+        ):
+            raise ValueError(
+                f"algorithm.is_low={self.is_low} needs algorithm.is_mode=mask and algorithm.tis_cap "
+                f"above it (got is_mode={self.is_mode}, tis_cap={self.tis_cap})"
+            )
         return self
 
     @property
@@ -270,6 +295,22 @@ class LoggingConfig(_Section):
         "sqlite:///<dir>/mlflow.db with artifacts in <dir>/mlflow-artifacts)",
     )
     sample_every: int = Field(10, ge=1, description="log sample completions every K steps")
+    probe_every: int = Field(
+        10,
+        ge=1,
+        description="the sync alarm: after the sync of every K-th step (and of step 1) every rollout "
+        "engine and the learner score the same fixed probe sequences on the weights they now share",
+    )
+    probe_size: int = Field(
+        4, ge=1, description="probe sequences (completions of the first batch, one per prompt)"
+    )
+    probe_mismatch_warn: float | None = Field(
+        None,
+        gt=0,
+        description="warn when the probe's worst engine differs from the learner by more than this "
+        "(mean nats per token): a failed, partial or skipped sync. None: 0.05 when the model runs in "
+        "bf16 (its numerics alone measured ~1e-3 here), 1e-3 in float32 (~1e-6)",
+    )
     logprob_mismatch_warn: float = Field(
         0.1,
         gt=0,

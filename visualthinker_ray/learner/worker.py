@@ -21,7 +21,13 @@ from visualthinker_ray.config import Config
 from visualthinker_ray.errors import InputError
 from visualthinker_ray.grpo import masked_mean, mismatch_stats, policy_loss
 from visualthinker_ray.learner.schedule import lr_factor
-from visualthinker_ray.models import banned_token_ids, load_model, load_processor, resolve_dtype
+from visualthinker_ray.models import (
+    banned_token_ids,
+    check_cpu_dtype,
+    load_model,
+    load_processor,
+    resolve_dtype,
+)
 from visualthinker_ray.sequences import build_batch, completion_logprobs, encode_prompt
 
 
@@ -95,6 +101,7 @@ class LearnerWorker:
         if not self.on_gpu and cfg.learner.cpu_threads:
             # Ray starts the actor with one thread per CPU it holds; never more than the machine has.
             torch.set_num_threads(min(cfg.learner.cpu_threads, os.cpu_count() or 1))
+        check_cpu_dtype(cfg.model.dtype, self.device.type)
         self.processor = load_processor(cfg.model.path, cfg.model.min_pixels, cfg.model.max_pixels)
         self.banned = banned_token_ids(self.processor.tokenizer)
         self.model = self._build_model(trainable=True)
@@ -114,14 +121,17 @@ class LearnerWorker:
             "reference": self.ref_model is not None,
             "gradient_checkpointing": bool(getattr(self.model, "is_gradient_checkpointing", False)),
             "torch_threads": torch.get_num_threads(),
+            "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
         }
 
     def _build_model(self, trainable: bool):
         cfg = self.cfg
-        # fp32 master weights (and so fp32 optimizer state); bf16 compute through FSDP's policy on GPU.
+        # fp32 master weights (and so fp32 optimizer state); bf16 compute through FSDP2's
+        # mixed-precision policy, on the CPU exactly as on the GPU (model.dtype=bfloat16).
         model = load_model(cfg.model.path, torch.float32, str(self.device))
         mp_policy = None
-        if self.on_gpu and resolve_dtype(cfg.model.dtype, "cuda") == torch.bfloat16:
+        self.compute_dtype = resolve_dtype(cfg.model.dtype, self.device.type)
+        if self.compute_dtype == torch.bfloat16:
             from torch.distributed.fsdp import MixedPrecisionPolicy
 
             mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -166,16 +176,23 @@ class LearnerWorker:
         )
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    def _logprobs(self, model, batch, with_entropy=False):
+    def _logprobs(self, model, batch, with_entropy=False, raw=False):
+        if raw:  # log_softmax of the raw logits, as vLLM's prompt log-probs (the probe)
+            return completion_logprobs(model, batch, 1.0, None, with_entropy=with_entropy)
         return completion_logprobs(
             model, batch, self.cfg.rollout.temperature, self.banned, with_entropy=with_entropy
         )
 
     @torch.no_grad()
     def compute_logprobs(
-        self, items: list[TrainItem], micro_batches: list[list[int]], use_reference: bool = False
+        self,
+        items: list[TrainItem],
+        micro_batches: list[list[int]],
+        use_reference: bool = False,
+        raw: bool = False,
     ):
-        """Per-sequence completion log-probs (lists of floats) under the policy or the reference."""
+        """Per-sequence completion log-probs (lists of floats) under the policy or the reference;
+        raw: temperature 1 and no token bans (what an engine's prompt log-probs are)."""
         model = self.ref_model if use_reference else self.model
         if model is None:
             raise RuntimeError("no reference model: it is only built when algorithm.beta > 0")
@@ -183,7 +200,7 @@ class LearnerWorker:
         out: list[list[float] | None] = [None] * len(items)
         for mb in micro_batches:
             batch = self._batch(items, encoded, [i for i in mb if i >= 0] or [0])  # padding still runs
-            logp = self._logprobs(model, batch)
+            logp = self._logprobs(model, batch, raw=raw)
             mask = batch["completion_mask"].bool()
             for row, i in enumerate(i for i in mb if i >= 0):
                 out[i] = logp[row][mask[row]].tolist()
@@ -199,20 +216,23 @@ class LearnerWorker:
         the same number of forward/backward passes. denominators[m] is the loss denominator of the
         whole mini-batch across all ranks (grpo.loss_denominator).
 
-        The PPO ratio of a fresh item (staleness 0) is taken against the learner's weights before
-        this update; that of a stale item against the engine's log-probs, the policy that sampled it
-        (the clip then bounds the whole step from it). With algorithm.tis_cap, every token is also
-        weighted by min(old / engine probability, cap).
+        The decoupled objective (grpo.policy_loss): every item's PPO ratio is taken against the
+        proximal policy, these weights before the update (logp.detach() when the batch gets one
+        optimizer step; recomputed first when it gets several), fresh or stale; with
+        algorithm.tis_cap every token's term is weighted by the bounded importance weight
+        pi_proximal / pi_engine, which corrects the engine's staleness and its numerics at once.
         """
         cfg, alg = self.cfg, self.cfg.algorithm
         t0 = time.time()
         encoded = self._encode(items)
         on_policy = len(mini_batches) == 1 and cfg.learner.update_epochs == 1
-        use_behaviour = alg.tis_cap is not None or any(it.staleness > 0 for it in items)
-        if use_behaviour and any(it.behaviour_logprobs is None for it in items):
+        missing = [i for i, it in enumerate(items) if it.behaviour_logprobs is None]
+        if alg.tis_cap is not None and missing:
             raise ValueError(
-                "algorithm.tis_cap and stale items need the engine's log-probs (TrainItem.behaviour_logprobs)"
+                f"algorithm.tis_cap weights tokens by the engine's log-probs, but {len(missing)} item(s) "
+                "carry none (TrainItem.behaviour_logprobs); set algorithm.tis_cap=null to train without"
             )
+        use_behaviour = not missing
         # Old log-probs come from the weights before the first update (unneeded when on-policy:
         # then the ratio is exp(logp - logp.detach())); reference log-probs never change.
         all_mbs = [mb for mini in mini_batches for mb in mini]
@@ -239,10 +259,6 @@ class LearnerWorker:
                         behaviour = self._aligned(
                             [items[i].behaviour_logprobs for i in real], range(len(real)), mask, logp
                         )
-                        stale = torch.tensor(
-                            [items[i].staleness > 0 for i in real] or [False], device=self.device
-                        )
-                        old_logp = torch.where(stale[:, None], behaviour, old_logp)
                     loss, metrics = policy_loss(
                         logp,
                         old_logp,
@@ -258,6 +274,9 @@ class LearnerWorker:
                         ratio_level=alg.ratio_level,
                         behaviour_logp=behaviour,
                         tis_cap=alg.tis_cap,
+                        is_level=alg.is_level,
+                        is_mode=alg.is_mode,
+                        is_low=alg.is_low,
                     )
                     # FSDP averages gradients over ranks; scale up so the sum over ranks and
                     # micro-batches is the gradient of the whole mini-batch's loss.
