@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import torch
@@ -29,11 +30,18 @@ class ModelWeightSource:
         self.bucket_bytes = bucket_bytes
         self.sender: WeightSender | None = None
         self.send_delay_s = 0.0
+        self.fail_after: int | None = None  # the next send stops after this many tensors
         self.sends: list[int] = []  # tensors per send, for tests
 
     def set_send_delay(self, seconds: float) -> None:
         """Pause before streaming (tests: a worker can be killed while it waits inside a sync)."""
         self.send_delay_s = seconds
+
+    def fail_next_send(self, after_tensors: int) -> None:
+        """The next send streams its first `after_tensors` tensors (the full buckets among them reach
+        the workers, who load them) and then fails, as a sender that crashes mid-sync: the workers
+        wait for the rest until the group's timeout. Once; the sends after it are whole."""
+        self.fail_after = after_tensors
 
     def node_ip(self) -> str:
         import ray
@@ -80,6 +88,8 @@ class ModelWeightSource:
         wanted = {m.name for m in metas}
         self.sends.append(len(metas))
         named = ((n, p.detach()) for n, p in self.model.named_parameters() if n in wanted)
+        if self.fail_after is not None:
+            named, self.fail_after = itertools.islice(named, self.fail_after), None
         return self.sender.send(named, metas, plan)
 
     def send_counts(self) -> list[int]:

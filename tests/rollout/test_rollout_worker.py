@@ -18,6 +18,7 @@ from visualthinker_ray.rollout.engine import Completion, SamplingSpec
 from visualthinker_ray.rollout.pool import RolloutError, RolloutPool
 from visualthinker_ray.rollout.worker import sampling_to_dict
 from visualthinker_ray.sequences import build_batch, completion_logprobs, encode_prompt
+from visualthinker_ray.weight_sync import WeightSyncError
 from visualthinker_ray.weight_sync.coordinator import DRIVER_SLACK_S
 
 G = 2
@@ -374,6 +375,81 @@ def test_a_sync_during_generation_reaches_vllm_mid_request(setup, records, refer
             # the new weights really differ there: the old ones do not explain the later tokens
             assert e_old[spans[1][1] : spans[1][2]].max() > 100 * LOGPROB_TOL
     assert mixed > 0, f"the sync did not land while vLLM was generating (a request takes {generate_s:.2f} s)"
+
+
+def test_a_sync_that_fails_part_way_holds_vllm_generation_until_a_sync_succeeds(setup, records, reference):
+    """The sender fails in the middle of the update phase: vLLM has loaded part of the new weights.
+    No token may come from them. The request in flight stays frozen, and so does one that arrives
+    meanwhile, until a sync succeeds (here: the pool's own retry); then they go on under the new
+    weights, labelled with their version. Health checks answer meanwhile; each failure is bounded."""
+    pool, source = setup
+    fail_timeout_s = 4.0  # the group's timeout for the failing syncs: the receivers wait this long
+    pool.settle()
+    version = max(pool.policy_versions()) + 1
+    pool.sync(source, version=version)
+    old = ray.get(source.weights.remote())
+    vllm_worker = pool.workers[pool.kinds.index("vllm")]
+    args = (
+        [r.to_dict() for r in records],
+        sampling_to_dict(SamplingSpec(G, TEMPERATURE, max_new_tokens=300)),
+    )
+    t0 = time.perf_counter()
+    ray.get(vllm_worker.generate.remote(*args), timeout=300)
+    generate_s = time.perf_counter() - t0
+    part_way = len(ray.get(source.weight_metas.remote())) * 3 // 4  # language-model layers included
+    processor, model = reference
+    pool.weights.timeout_s = fail_timeout_s
+    pool.weights.reset()
+    try:
+        ray.get(source.perturb.remote(seed=6))
+        new = ray.get(source.weights.remote())
+        ref = vllm_worker.generate.remote(*args)
+        time.sleep(generate_s / 3)  # it is generating
+        ray.get(source.fail_next_send.remote(part_way))
+        t0 = time.monotonic()
+        with pytest.raises(WeightSyncError, match=rf"weight sync to version {version + 1} failed"):
+            pool.weights.sync(source, pool.receivers(), version + 1)  # one attempt, no retry
+        assert time.monotonic() - t0 < fail_timeout_s + DRIVER_SLACK_S
+        done, _ = ray.wait([ref], timeout=generate_s + 2)
+        assert not done, "generation went on after a failed sync, on half-loaded weights"
+        assert pool._unhealthy(pool.members) == []  # the health checks answer while it is held
+        assert pool.policy_versions() == [version] * len(pool.members)
+        pool.sync(source, version=version + 1)
+        comps = [Completion(**c) for c in ray.get(ref, timeout=300)["completions"]]
+        err_old = _recomputed_logprob_errors(comps, records, processor, model, old)
+        err_new = _recomputed_logprob_errors(comps, records, processor, model, new)
+        mixed = 0
+        for c, e_old, e_new in zip(comps, err_old, err_new, strict=True):
+            spans = c.meta.get("weight_versions") or [(c.policy_version, 0, len(c.token_ids))]
+            assert [v for v, _, _ in spans] in ([version], [version, version + 1], [version + 1]), spans
+            for v, start, end in spans:
+                errors = (e_old if v == version else e_new)[start:end]
+                assert errors.max() < LOGPROB_TOL, (
+                    f"tokens {start}-{end} labelled {v} are not from its weights"
+                )
+            mixed += len(spans) == 2
+        assert mixed > 0, f"the failed sync did not land mid-request (a request takes {generate_s:.2f} s)"
+
+        # A request that arrives while the engine is held waits too; the pool's retry releases it.
+        ray.get(source.perturb.remote(seed=7))
+        newer = ray.get(source.weights.remote())
+        ray.get(source.fail_next_send.remote(part_way))
+        with pytest.raises(WeightSyncError):
+            pool.weights.sync(source, pool.receivers(), version + 2)
+        ref = vllm_worker.generate.remote([r.to_dict() for r in records], sampling_to_dict(SAMPLING))
+        done, _ = ray.wait([ref], timeout=3.0)
+        assert not done, "a request that arrived after a failed sync ran on half-loaded weights"
+        sends = len(ray.get(source.send_counts.remote()))
+        ray.get(source.fail_next_send.remote(part_way))
+        pool.sync(source, version=version + 2)  # fails again, then its retry on a new group succeeds
+        assert len(ray.get(source.send_counts.remote())) == sends + 2
+        comps = [Completion(**c) for c in ray.get(ref, timeout=120)["completions"]]
+        assert all(c.policy_version == version + 2 and "weight_versions" not in c.meta for c in comps)
+        assert _recomputed_logprob_error(comps, records, processor, model, newer) < LOGPROB_TOL
+        assert pool.policy_versions() == [version + 2] * len(pool.members)
+    finally:
+        pool.weights.timeout_s = SYNC_TIMEOUT_S
+        pool.weights.reset()
 
 
 def test_a_vllm_engine_that_dies_mid_generation_is_replaced(setup, records, reference):

@@ -57,3 +57,8 @@ class Engine(Protocol):
     def generate(self, records: list[PromptRecord], sampling: SamplingSpec) -> list[Completion]:
         """`sampling.n` completions per record, a record's completions contiguous, records in order."""
         ...
+
+    def score(self, records: list[PromptRecord], completions: list[list[int]]) -> list[list[float]]:
+        """log p of each completion's tokens after its record's prompt under the weights held now
+        (raw log_softmax: temperature 1, no bans): the probe of the sync alarm."""
+        ...

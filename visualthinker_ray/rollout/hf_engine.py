@@ -115,6 +115,34 @@ class HFEngine:
             )
         return completions
 
+    @torch.no_grad()
+    def score(self, records: list[PromptRecord], completions: list[list[int]]) -> list[list[float]]:
+        """log p(token) of each completion's tokens after its prompt under the weights held now (raw
+        log_softmax, as vLLM's prompt log-probs): the sync alarm's probe."""
+        out = []
+        for r, ids in zip(records, completions, strict=True):
+            images = load_images(r, self.min_pixels, self.max_pixels)
+            prompt = build_prompt(r, self.prompt_style, self.processor)
+            enc = self.processor(text=[prompt], images=images or None, return_tensors="pt").to(self.device)
+            n = enc["input_ids"].shape[1]
+            full = torch.cat([enc["input_ids"], torch.tensor([ids], device=self.device)], dim=1)
+            vision = {k: v for k, v in enc.items() if k in ("pixel_values", "image_grid_thw")}
+            mm = (full == self.model.config.image_token_id).long()  # what the training forward needs
+            logits = (
+                self.model(
+                    input_ids=full,
+                    attention_mask=torch.ones_like(full),
+                    mm_token_type_ids=mm,
+                    use_cache=False,
+                    **vision,
+                )
+                .logits[0, n - 1 : -1]
+                .float()
+            )
+            logp = torch.log_softmax(logits, dim=-1).gather(-1, full[0, n:, None]).squeeze(-1)
+            out.append(logp.cpu().tolist())
+        return out
+
     def _sampled_logprobs(self, step_logits, tokens: torch.Tensor, sampling: SamplingSpec) -> torch.Tensor:
         """log_softmax(masked logits / T) at each sampled token: the learner's formula (engine.py)."""
         logits = torch.stack(step_logits, dim=1).float()  # [rows, steps, vocab]

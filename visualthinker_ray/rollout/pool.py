@@ -9,13 +9,20 @@ Faults. A worker that dies (its actor or its vLLM engine), stops answering healt
 worker with the same resources. The prompts it had not finished go to the workers still serving
 (they keep their per-prompt seeds, so the step keeps its size and sampling); the replacement joins
 at the next weight sync, so it never serves weights older than the others. If no worker is left,
-the pool waits for the replacement and syncs it at once. A sync that fails on a dead or hung worker
-is retried without it. More than `max_restarts` replacements within `restart_window_s` end the run
+the pool waits for the replacement and syncs it at once, at the pool's version; except in
+`wait_done` (the HF engine's wait before a sync, after the learner's update: the sender already holds
+the next version), where those prompts wait for that sync and are generated after it, under its
+version. A sync that fails on a dead or hung worker is retried without it; one that fails with every
+worker healthy is retried once on a new group (a vLLM worker whose update failed stays paused until
+then: vllm_engine.py). More than `max_restarts` replacements within `restart_window_s` end the run
 with an error naming the last cause. Every wait here is bounded.
 
 Resizing. `scale_to(n)` starts workers (they join at the next sync, when they are up: a worker
 waiting for a node the autoscaler adds does not hold the run back) or retires the newest ones (their
-unfinished prompts are handed back to the rest, as after a fault, but not counted as one).
+unfinished prompts are handed back to the rest, as after a fault, but not counted as one). A resize
+never cancels the replacement of a lost worker, only workers a scale-up started: a node that is lost
+takes its resource units with it, so a pool that follows the cluster is asked to shrink just then,
+and the replacement's pending resource request is what makes an autoscaler bring the node back.
 """
 
 from __future__ import annotations
@@ -78,6 +85,7 @@ class Member:
     id: int
     kind: str
     handle: Any
+    replacing: str | None = None  # the label of the lost worker it replaces; None: started by a resize
 
     @property
     def label(self) -> str:
@@ -90,7 +98,7 @@ class Part:
 
     records: list[PromptRecord]
     member: Member
-    ref: Any  # the generate call's ObjectRef
+    ref: Any  # the generate call's ObjectRef; None once its worker is lost (generated again)
     result: dict | None = None
 
 
@@ -110,6 +118,26 @@ def engine_died(e: ray.exceptions.RayTaskError) -> bool:
     """A generate call that failed because the worker's vLLM engine process died (a fault to repair,
     unlike an error in the request itself)."""
     return "EngineDeadError" in str(e) or "EngineDead" in type(getattr(e, "cause", None) or e).__name__
+
+
+def resize_plan(n: int, serving: int, pending: list[bool]) -> tuple[int, list[int], int]:
+    """How `scale_to(n)` gets to n workers: (workers to start, indices into `pending` to cancel, newest
+    serving workers to retire). `pending` lists the started workers not serving yet, oldest first,
+    True for the replacement of a lost worker. Replacements count towards growth but are never
+    cancelled; scale-up workers are cancelled newest first; serving workers are retired down to n
+    only (a pending replacement may then make the pool one larger than n once it is up)."""
+    if n < 1:
+        raise ValueError(f"a rollout pool needs at least one worker, not {n}")
+    start = max(0, n - serving - len(pending))
+    excess = serving + len(pending) - n
+    cancel = []
+    for i in reversed(range(len(pending))):
+        if excess <= 0:
+            break
+        if not pending[i]:
+            cancel.append(i)
+            excess -= 1
+    return start, cancel, max(0, serving - n)
 
 
 class RolloutPool:
@@ -142,6 +170,7 @@ class RolloutPool:
         self.sender, self.version = None, 0  # who synced last, and the version every member serves
         self.members: list[Member] = [self._spawn(kind) for kind in engines]
         self._joining: list[tuple[Member, Any]] = []  # started, not serving yet: (member, ready ref)
+        self._logged_kept: set[int] = set()  # replacements a resize kept, already logged
         self._wait_ready(self.members)
 
     @classmethod
@@ -161,13 +190,21 @@ class RolloutPool:
     def joining(self) -> int:
         return len(self._joining)
 
-    def _spawn(self, kind: str) -> Member:
+    @property
+    def pending(self) -> list[str]:
+        """The started workers not serving yet, oldest first, each with why it was started."""
+        return [
+            f"{m.label}: replaces {m.replacing}" if m.replacing else f"{m.label}: scale-up"
+            for m, _ in self._joining
+        ]
+
+    def _spawn(self, kind: str, replacing: str | None = None) -> Member:
         options = dict(num_cpus=self.cpus, num_gpus=self.gpus)
         if self.resource:
             options["resources"] = {self.resource: 1}
         actor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RolloutWorker)
         handle = actor.options(**options).remote(kind, self.model_path, self.engine_kwargs)
-        return Member(next(self._ids), kind, handle)
+        return Member(next(self._ids), kind, handle, replacing)
 
     def _wait_ready(self, members: list[Member]) -> None:
         refs = {m.label: m.handle.ready.remote() for m in members}
@@ -191,25 +228,49 @@ class RolloutPool:
         self.weights.reset()
         return len(self.members) - 1
 
-    def scale_to(self, n: int) -> None:
-        """Grow or shrink to `n` workers. New ones join at a sync once they are up; retired ones are
-        the newest, their unfinished prompts handed back to the others."""
+    def scale_to(self, n: int) -> bool:
+        """Grow or shrink to `n` workers (see resize_plan); whether anything was started, cancelled
+        or retired. New ones join at a sync once they are up; retired ones are the newest serving
+        workers, their unfinished prompts handed back to the others. Pending replacements of lost
+        workers are kept, and logged."""
         if n < 1:
             raise ValueError(f"a rollout pool needs at least one worker, not {n}")
+        if len(self.members) > n:
+            # Retire only live workers: one whose node went (which is why the cluster shrank) and
+            # whose loss the pool has not seen yet is a fault, replaced, not the one to retire.
+            for m, cause in self._unhealthy(self.members):
+                self._replace(m, f"{cause} (found when resizing the pool to {n})")
         kind = self.members[0].kind if self.members else self._joining[0][0].kind
-        for _ in range(n - len(self.members) - len(self._joining)):
-            self._joining.append(self._start(kind))
-        while len(self.members) + len(self._joining) > n and self._joining:
-            member, _ = self._joining.pop()
+        start, cancel, retire = resize_plan(
+            n, len(self.members), [m.replacing is not None for m, _ in self._joining]
+        )
+        for i in sorted(cancel, reverse=True):
+            member, _ = self._joining.pop(i)
             ray.kill(member.handle, no_restart=True)
-        while len(self.members) > n:
+            log.info(
+                "cancelled %s, started by a scale-up, not serving yet (rollout pool scaled to %d)",
+                member.label,
+                n,
+            )
+        for _ in range(start):
+            self._joining.append(self._start(kind))
+        for _ in range(retire):
             member = self.members.pop()
             ray.kill(member.handle, no_restart=True)
             self.weights.reset()
             log.info("retired %s (rollout pool scaled to %d)", member.label, n)
+        kept = [m for m, _ in self._joining if m.replacing is not None]
+        if len(self.members) + len(self._joining) > n and {m.id for m in kept} - self._logged_kept:
+            self._logged_kept.update(m.id for m in kept)
+            log.info(
+                "rollout pool asked for %d workers: %d serving, and kept pending %s (a resize never "
+                "cancels a replacement: its resource request is what brings a lost node back)",
+                n, len(self.members), "; ".join(self.pending),
+            )  # fmt: skip
+        return bool(start or cancel or retire)
 
-    def _start(self, kind: str) -> tuple[Member, Any]:
-        member = self._spawn(kind)
+    def _start(self, kind: str, replacing: str | None = None) -> tuple[Member, Any]:
+        member = self._spawn(kind, replacing)
         return member, member.handle.ready.remote()
 
     def _admit(self, block: bool) -> None:
@@ -236,7 +297,7 @@ class RolloutPool:
                     ray.get(ref)
                 except ray.exceptions.RayError as e:  # it died starting up: try another, counted
                     self._count_fault(member, f"failed to start ({first_line(e)})")
-                    self._joining.append(self._start(member.kind))
+                    self._joining.append(self._start(member.kind, member.replacing))
                     continue
                 self.members.append(member)
                 self.weights.reset()
@@ -278,7 +339,7 @@ class RolloutPool:
         ray.kill(member.handle, no_restart=True)
         self.weights.reset()
         self._count_fault(member, cause)
-        self._joining.append(self._start(member.kind))
+        self._joining.append(self._start(member.kind, member.label))
 
     def _unhealthy(self, members: list[Member]) -> list[tuple[Member, str]]:
         """The members that are dead or do not answer a health check within hang_timeout_s."""
@@ -296,14 +357,16 @@ class RolloutPool:
 
     def _serving(self) -> None:
         """At least one member serving the current weights: if every worker was lost, wait for a
-        replacement and sync it before it gets any prompt. (Only an HF pool redispatches after the
-        learner's update, in wait_done: a replacement synced there gets the new weights under the
-        old version number; vLLM pools never wait there.)"""
+        replacement and sync it (with the retries of sync()) before it gets any prompt. The sender
+        holds `self.version` whenever this runs: wait_done, the one wait after the learner's update
+        (HF pools), does not redispatch to an empty pool but leaves those prompts to collect(),
+        after the sync that follows, so a replacement never gets new weights under an old number."""
         if self.members:
             return
-        self._admit(block=True)
-        if self.sender is not None:
-            self.weights.sync(self.sender, self.receivers(), self.version)
+        if self.sender is None:  # nothing synced yet: every worker serves model.path (version 0)
+            self._admit(block=True)
+        else:
+            self.sync(self.sender, self.version)
 
     def shutdown(self) -> None:
         for m in self.members + [m for m, _ in self._joining]:
@@ -343,9 +406,11 @@ class RolloutPool:
 
     def wait_done(self, pending: list[Generation], timeout_s: float | None = None) -> None:
         """Wait until the submitted generations have finished (repairing faults on the way); their
-        completions are kept for collect()."""
+        completions are kept for collect(). Called between the learner's update and the sync (HF
+        pools): prompts lost with the last worker are not generated here (a replacement would get
+        the sender's new weights before the pool's version moves) but by collect(), after the sync."""
         for gen in pending:
-            self._finish(gen, timeout_s)
+            self._finish(gen, timeout_s, defer_unserved=True)
 
     def collect(self, gen: Generation, timeout_s: float | None = None) -> tuple[list[Completion], list[dict]]:
         """The completions of one submit(), in record order, and per-part throughput stats."""
@@ -359,14 +424,19 @@ class RolloutPool:
             )
         return completions, stats
 
-    def _finish(self, gen: Generation, timeout_s: float | None = None) -> None:
+    def _finish(self, gen: Generation, timeout_s: float | None = None, defer_unserved: bool = False) -> None:
         """Wait for every part; a part whose worker died, hung or overran is generated again by the
-        workers serving (its worker is replaced). An error inside a request is raised, not retried."""
+        workers serving (its worker is replaced). An error inside a request is raised, not retried.
+        With `defer_unserved`, parts lost when no worker is serving are left for a later call."""
         bound = timeout_s or self.generate_timeout_s
         deadline = time.monotonic() + bound
         check_every = max(0.5, self.hang_timeout_s / 4)
         while True:
-            waiting = {p.ref: p for p in gen.parts if p.result is None}
+            if not (defer_unserved and not self.members):
+                for part in [p for p in gen.parts if p.ref is None]:  # lost: generate it again
+                    i = gen.parts.index(part)
+                    gen.parts[i : i + 1] = self._dispatch(part.records, gen.sampling)
+            waiting = {p.ref: p for p in gen.parts if p.result is None and p.ref is not None}
             if not waiting:
                 return
             left = deadline - time.monotonic()
@@ -397,8 +467,7 @@ class RolloutPool:
                     for m, cause in self._unhealthy(busy):
                         self._replace(m, f"{cause} during generation")
             for part in lost:
-                i = gen.parts.index(part)
-                gen.parts[i : i + 1] = self._dispatch(part.records, gen.sampling)
+                part.ref = None  # generated again at the top of the loop (or put off, see above)
             if time.monotonic() >= deadline and any(p.result is None for p in gen.parts):
                 deadline = time.monotonic() + bound  # the redispatched parts get a bound of their own
 
@@ -433,6 +502,24 @@ class RolloutPool:
                     self._replace(m, f"{cause} in the weight sync to version {version}")
                 self._admit(block=not self.members)  # _count_fault bounds this loop
         self.version = version
+        return out
+
+    def score(self, records: list[PromptRecord], completions: list[list[int]], timeout_s: float) -> dict:
+        """Every serving worker's log-probs of the same fixed sequences (the sync alarm's probe):
+        {worker label: {"version", "logprobs"}}. Bounded; a worker that fails is left out and
+        logged (its fault is the generation path's to repair)."""
+        recs = [r.to_dict() for r in records]
+        refs = {m.label: m.handle.score.remote(recs, completions) for m in self.members}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        out = {}
+        for label, ref in refs.items():
+            if ref not in ready:
+                log.warning("probe: %s did not score within %.0f s", label, timeout_s)
+                continue
+            try:
+                out[label] = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                log.warning("probe: %s failed to score: %s", label, first_line(e))
         return out
 
     def policy_versions(self) -> list[int]:

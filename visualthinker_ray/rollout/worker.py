@@ -30,7 +30,8 @@ from visualthinker_ray.weight_sync.transport import SyncGroup, receive_buckets, 
 
 # The actor's lanes besides the default one (generation): pass as `concurrency_groups` when creating it.
 # "health" answers the pool's liveness checks while a generation or a sync runs.
-CONCURRENCY_GROUPS = {"weights": 1, "health": 1}
+# "probe" scores the sync alarm's probe while a generation runs (vLLM serves both at once).
+CONCURRENCY_GROUPS = {"weights": 1, "health": 1, "probe": 1}
 
 
 def updates_during_generation(engine: str) -> bool:
@@ -77,6 +78,15 @@ class RolloutWorker:
             "seconds": seconds,
             "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
         }
+
+    @ray.method(concurrency_group="probe")
+    def score(self, records: list[dict], completions: list[list[int]]) -> dict:
+        """The engine's log-probs of fixed sequences under the weights it serves now (the probe of
+        the sync alarm), with the version it serves."""
+        with self._exclusive:  # the HF engine scores between generations
+            version = self.engine.policy_version
+            scores = self.engine.score([PromptRecord.from_dict(r) for r in records], completions)
+        return {"version": version, "logprobs": scores}
 
     # -- weight sync (weight_sync/coordinator.py drives these), in the "weights" lane -------------------
     @ray.method(concurrency_group="weights")
