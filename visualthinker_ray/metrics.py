@@ -44,3 +44,27 @@ def rollout_metrics(
     out["response/truncated_frac"] = sum(truncated) / n
     out["response/self_reflection_rate"] = sum(reflections) / n
     return out
+
+
+def probe_mismatch(engines: dict[str, dict], learner: list[list[float]]) -> dict[str, float]:
+    """The sync alarm: |engine - learner| log-prob per token of the same probe sequences on the same
+    weights, over every engine that scored: mean and max over all of them, and the worst engine's
+    mean (one worker with a broken sync stands out there even when the others are fine)."""
+    per_engine = []
+    for result in engines.values():
+        diffs = [
+            abs(e - lp)
+            for seq_e, seq_l in zip(result["logprobs"], learner, strict=True)
+            for e, lp in zip(seq_e, seq_l, strict=True)
+        ]
+        if diffs:
+            per_engine.append(diffs)
+    if not per_engine:
+        return {}
+    flat = [d for diffs in per_engine for d in diffs]
+    return {
+        "sync/probe_mismatch_mean": sum(flat) / len(flat),
+        "sync/probe_mismatch_max": max(flat),
+        "sync/probe_mismatch_worst_engine_mean": max(sum(d) / len(d) for d in per_engine),
+        "sync/probe_engines": float(len(per_engine)),
+    }

@@ -29,7 +29,8 @@ from visualthinker_ray.config import Config, dump_config
 from visualthinker_ray.data.order import DataOrder
 from visualthinker_ray.data.records import PromptRecord
 from visualthinker_ray.grpo import group_advantages
-from visualthinker_ray.metrics import rollout_metrics
+from visualthinker_ray.metrics import probe_mismatch, rollout_metrics
+from visualthinker_ray.models import check_cpu_dtype, resolve_dtype
 from visualthinker_ray.ray_calls import connect_ray
 from visualthinker_ray.rollout.engine import Completion, SamplingSpec
 
@@ -66,10 +67,20 @@ def split_by_signal(records: list[PromptRecord], completions: list[Completion], 
 def rollout_target(requested: int | None, cluster_units: float | None) -> int | None:
     """The rollout pool size for this step: one worker per rollout resource unit the cluster has
     when the job follows the cluster (never fewer than one), else what `scale` asked for, else None
-    (unchanged)."""
+    (unchanged). A target is what the pool resizes towards, not a cap on fault repair: a lost node
+    takes its units away, and the replacement of its worker stays pending (RolloutPool.scale_to)."""
     if cluster_units is not None:
         return max(1, int(cluster_units))
     return requested
+
+
+def probe_threshold(cfg: Config) -> float:
+    """logging.probe_mismatch_warn, or its default for the dtype the model runs in: bf16 engines and
+    learners differ by ~1e-3 nats per token on healthy weights, float32 ones by ~1e-6."""
+    if cfg.logging.probe_mismatch_warn is not None:
+        return cfg.logging.probe_mismatch_warn
+    device = "cuda" if (cfg.rollout.gpus_per_worker or cfg.learner.gpus_per_worker) else "cpu"
+    return 0.05 if resolve_dtype(cfg.model.dtype, device) == torch.bfloat16 else 1e-3
 
 
 def check_groups(completions: list[Completion], records: list[PromptRecord], group_size: int) -> None:
@@ -127,6 +138,9 @@ class Trainer:
         )
 
         check_trackers(cfg.logging.trackers)  # before any actor starts
+        on_cpus = not (cfg.rollout.gpus_per_worker or cfg.learner.gpus_per_worker)  # every role
+        if on_cpus and check_cpu_dtype(cfg.model.dtype, cfg.resources.device) == "emulated":
+            log.warning("model.dtype=bfloat16 on a CPU without native bf16 (AVX512-BF16): it runs, slower")
         connect_ray(cfg)
         self.control = create_control(cfg.resources.job_name)  # `scale --job` finds the run through it
         self.grader_restarts = 0
@@ -142,6 +156,7 @@ class Trainer:
             log.info("resumed from %s at step %d", resume_from, self.step)
         # The generation pipeline: batches submitted and not yet trained on, oldest first.
         self._pending: deque[Submitted] = deque()
+        self._probe: list[TrainItem] | None = None  # the sync alarm's fixed sequences (probe_sync)
         self._next_submit = self.step
         self._order_after: dict[int, dict] = {}
         self.rollout = RolloutPool.from_config(cfg)
@@ -199,6 +214,10 @@ class Trainer:
             if not self.rollout.updates_during_generation:
                 self.rollout.wait_done([p.generation for p in self._pending])
             self.rollout.sync(self.learner, version=self.step + 1)
+        probe = {}
+        if self.step == 0 or (self.step + 1) % cfg.logging.probe_every == 0:
+            with timer("probe"):  # the sync alarm, in every mode: both sides now hold version step + 1
+                probe = self.probe_sync(batch)
 
         completions = batch.completions
         tokens = sum(len(c.token_ids) for c in completions)
@@ -213,6 +232,7 @@ class Trainer:
         metrics.update({f"learner/{k}": v for k, v in learner.items()})
         metrics.update({f"time/{k}_s": v for k, v in timer.seconds.items()})
         metrics.update({f"dynamic_sampling/{k}": v for k, v in dynamic.items()})
+        metrics.update(probe)
         staleness = train.staleness
         metrics.update(
             {
@@ -248,6 +268,32 @@ class Trainer:
             for c, s in list(zip(completions, scores, strict=True))[:: alg.group_size][:4]
         ]
         return metrics
+
+    def probe_sync(self, batch: RolloutBatch) -> dict[str, float]:
+        """Score the fixed probe sequences on every rollout engine and on the learner, which hold the
+        same version right after a sync: their gap is the engine's numerics, unless the sync went
+        wrong. The probe is the first batch's completions (one per prompt), kept for the whole run."""
+        cfg = self.cfg
+        if self._probe is None:
+            firsts = batch.completions[:: cfg.algorithm.group_size][: cfg.logging.probe_size]
+            by_id = {r.id: r for r in batch.records}
+            self._probe = [
+                TrainItem(by_id[c.prompt_id], c.token_ids, 0.0, len(c.prompt_token_ids)) for c in firsts
+            ]
+        records, tokens = [it.record for it in self._probe], [it.token_ids for it in self._probe]
+        engines = self.rollout.score(records, tokens, cfg.resources.collective_timeout_s)
+        out = probe_mismatch(engines, self.learner.compute_logprobs(self._probe, raw=True))
+        behind = [label for label, r in engines.items() if r["version"] != self.step + 1]
+        worst, warn = out.get("sync/probe_mismatch_worst_engine_mean", 0.0), probe_threshold(cfg)
+        if worst > warn or behind:
+            log.warning(
+                "step %d: after the weight sync a rollout engine scores the probe %.3g nats per token away "
+                "from the learner (max %.3g; threshold logging.probe_mismatch_warn=%.3g)%s: its weights are "
+                "not the learner's (a failed, partial or skipped sync), or its numerics differ that much",
+                self.step + 1, worst, out.get("sync/probe_mismatch_max", 0.0), warn,
+                f"; not at version {self.step + 1}: {', '.join(behind)}" if behind else "",
+            )  # fmt: skip
+        return out
 
     # -- the phases -----------------------------------------------------------------------------------
     def _sampling(self, step: int, round_: int = 0) -> SamplingSpec:
@@ -302,7 +348,7 @@ class Trainer:
         return graded.results, graded
 
     def _resize_rollout(self) -> None:
-        """Resize the rollout pool to what `scale --rollout N` asked for, or (rollout.scale_with_cluster)
+        """Resize the rollout pool to what `scale --rollout N` asked for last, or (rollout.scale_with_cluster)
         to the rollout resource units the cluster has now; report the pool to the control actor."""
         import ray
 
@@ -314,16 +360,24 @@ class Trainer:
         units = None
         if self.cfg.rollout.scale_with_cluster:
             units = ray.cluster_resources().get(self.cfg.resources.rollout_resource, 0)
-        want = rollout_target(requested, units)
+        # A request stands until the next one: a shrink that keeps a pending replacement (scale_to
+        # never cancels one) retires down to the request once the replacement serves.
+        if requested is not None:
+            self._rollout_request = requested
+        want = rollout_target(getattr(self, "_rollout_request", None), units)
         pool = self.rollout
-        if want and want != len(pool.members) + pool.joining:
-            log.info("step %d: rollout pool %d -> %d workers", self.step + 1, len(pool.members), want)
-            pool.scale_to(want)
+        # scale_to never cancels a pending replacement, so the pool may stay above `want` (a no-op)
+        if want and want != len(pool.members) + pool.joining and pool.scale_to(want):
+            log.info(
+                "step %d: rollout pool resized towards %d workers: %d serving, pending: %s",
+                self.step + 1, want, len(pool.members), "; ".join(pool.pending) or "none",
+            )  # fmt: skip
         self.control.report.remote(
             {
                 "step": self.step,
                 "rollout_serving": len(pool.members),
                 "rollout_joining": pool.joining,
+                "rollout_pending": pool.pending,
                 "rollout_replaced": pool.replaced,
                 "scale_with_cluster": self.cfg.rollout.scale_with_cluster,
             }
