@@ -631,7 +631,7 @@ def test_truncated_importance_weights_multiply_each_tokens_policy_term(cap):
     mask = random_mask(b, t)
     kwargs = dict(beta=0.04, clip_low=0.2, clip_high=0.28)
     loss, metrics = policy_loss(logp, old, ref, adv, mask, behaviour_logp=behaviour, tis_cap=cap, **kwargs)
-    # by hand: per token w * pg + beta * kl, w = min(exp(old - behaviour), cap), sequence token means
+    # by hand: per token w * (pg + beta * kl), w = min(exp(old - behaviour), cap), sequence token means
     per_seq, weights = [], []
     for i in range(b):
         terms = []
@@ -644,7 +644,7 @@ def test_truncated_importance_weights_multiply_each_tokens_policy_term(cap):
             raw = math.exp(old[i, j].item() - behaviour[i, j].item())
             weights.append(raw)
             r = ref[i, j].item() - logp[i, j].item()
-            terms.append(min(raw, cap) * pg + 0.04 * (math.exp(r) - r - 1))
+            terms.append(min(raw, cap) * (pg + 0.04 * (math.exp(r) - r - 1)))
         per_seq.append(sum(terms) / len(terms))
     assert loss.item() == pytest.approx(sum(per_seq) / b, rel=1e-9)
     assert metrics["is_weight_mean"] == pytest.approx(sum(weights) / len(weights), rel=1e-9)
@@ -772,3 +772,19 @@ def test_bad_importance_weight_options_are_refused():
         policy_loss(logp, old, None, adv, mask, beta=0.0, behaviour_logp=b, tis_cap=2.0, is_mode="clip")
     with pytest.raises(ValueError, match="is_low"):
         policy_loss(logp, old, None, adv, mask, beta=0.0, behaviour_logp=b, tis_cap=2.0, is_low=0.5)
+
+
+def test_the_kl_of_stale_tokens_is_importance_weighted_and_stays_bounded():
+    """A token the engine (here: the reference itself, one step stale) sampled with probability 0.5
+    that the policy now gives 1e-4: unweighted k3 is exp(ln 5000) - ln 5000 - 1 ~ 4991; weighted by
+    min(pi / pi_engine, cap) = 2e-4 it is ~1, the KL under the policy the term stands for."""
+    ref = torch.tensor([[math.log(0.5)]], dtype=torch.float64)
+    logp = torch.tensor([[math.log(1e-4)]], dtype=torch.float64, requires_grad=True)
+    adv, mask = torch.tensor([0.0], dtype=torch.float64), torch.ones(1, 1)
+    kw = dict(beta=1.0, behaviour_logp=ref)
+    _, plain = policy_loss(logp, logp.detach(), ref, adv, mask, **kw)
+    loss, weighted = policy_loss(logp, logp.detach(), ref, adv, mask, tis_cap=2.0, **kw)
+    r = math.log(0.5 / 1e-4)
+    assert plain["kl"] == pytest.approx(math.exp(r) - r - 1)
+    assert weighted["kl"] == pytest.approx((math.exp(r) - r - 1) * 1e-4 / 0.5)
+    assert loss.item() == pytest.approx(weighted["kl"])

@@ -382,6 +382,9 @@ def policy_loss(
     clipped as a whole; each token of the sequence carries the sequence's term (so agg
     seq_mean_token_mean averages the sequence terms).
 
+    The KL term is weighted by the same importance weight (it too is an expectation under the
+    policy, estimated from the engine's samples).
+
     The decoupled objective (AReaL; the TIS work): old_logp is the *proximal* policy, the learner's
     weights at the start of this update, and the PPO ratio is taken against it, whatever sampled the
     tokens. behaviour_logp (the engine's log-probs of the sampled tokens) with tis_cap weights each
@@ -449,6 +452,12 @@ def policy_loss(
     kl = None
     if ref_logp is not None:
         kl = kl_k3(logp, torch.where(valid, ref_logp.detach().to(dtype), zero))
+        if weights is not None and tis_cap is not None:
+            # k3 estimates KL(pi || ref) from tokens sampled by pi; these were sampled by the engine.
+            # Unweighted, a stale token the policy has made unlikely gives exp(ref - logp) >> 1 (the
+            # k3 KL of one-step-off's step 2 read 238 on the default work); weighted, w * k3 stays
+            # near 1 there, and the term estimates the KL under the proximal policy.
+            kl = kl * weights.applied
     # beta == 0 must ignore ref_logp entirely (0 * NaN would still poison the loss).
     per_token = pg + beta * kl if beta != 0 else pg
     loss = _aggregate(per_token, valid, agg, norm_constant, global_denominator)
