@@ -34,7 +34,9 @@ class ModelConfig(_Section):
         "artifacts/tiny-model", description="HF hub id or local folder of a Qwen2-VL checkpoint"
     )
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="auto: bfloat16 on GPU, float32 on CPU"
+        "auto",
+        description="auto: bfloat16 on GPU, float32 on CPU. bfloat16 on the CPU runs it too: vLLM serves "
+        "bf16, the learner computes in bf16 over float32 master weights, the sync sends bf16",
     )
     # The image limits must be the same in the engine and the learner: both read them from here.
     min_pixels: int = Field(DEFAULT_MIN_PIXELS, gt=0, description="image processor min_pixels")
@@ -164,14 +166,15 @@ class LearnerConfig(_Section):
     cpu_threads: int | None = Field(
         None,
         ge=1,
-        description="torch threads of each learner rank on the CPU (default: one per Ray CPU it "
-        "holds); generation and update take turns, so a one-machine CPU run can give the update "
-        "every core. Ignored on the GPU",
+        description="torch threads of each learner rank on the CPU. None: by mode (learner/worker.py "
+        "cpu_plan): synchronous, the ranks share every core (generation and update take turns); "
+        "pipelined, one rank takes the upper half of the cores beside vLLM. Ignored on the GPU",
     )
     cpu_affinity: list[int] | None = Field(
         None,
-        description="CPU cores each learner rank's process may run on (CPU only; e.g. [1] when one "
-        "machine also runs vLLM, whose CPU worker binds core 0). None: any",
+        description="CPU cores each learner rank's process may run on (CPU only). None: pipelined with "
+        "one rank, the cores of its threads counted from the top (vLLM's CPU worker binds from core 0); "
+        "otherwise any",
     )
 
 

@@ -84,3 +84,21 @@ def test_lr_schedules(kind):
         assert floored == pytest.approx(1.0 if kind == "constant" else 0.1 + 0.9 * expected)
     with pytest.raises(ValueError, match="unknown lr schedule"):
         lr_factor(0, 10, 0, "step")
+
+
+def test_cpu_plan_picks_threads_and_cores_by_mode_and_keeps_what_is_set():
+    from visualthinker_ray.learner.worker import cpu_plan
+
+    # synchronous: generation and update take turns, the ranks share every core, unpinned
+    assert cpu_plan(None, None, 0, 1, 2) == (2, None)
+    assert cpu_plan(None, None, 0, 2, 8) == (4, None)
+    # one-step-off beside vLLM (which binds from core 0): the upper half, pinned
+    assert cpu_plan(None, None, 1, 1, 2) == (1, [1])
+    assert cpu_plan(None, None, 2, 1, 8) == (4, [4, 5, 6, 7])
+    assert cpu_plan(None, None, 1, 1, 1) == (1, None)  # one core: nothing to keep apart
+    # several ranks pipelined: what vLLM leaves, split, unpinned
+    assert cpu_plan(None, None, 1, 2, 6) == (2, None)
+    # set keys win; threads never exceed the machine
+    assert cpu_plan(3, None, 1, 1, 8) == (3, None)
+    assert cpu_plan(None, [0], 1, 1, 2) == (1, [0])
+    assert cpu_plan(16, None, 0, 1, 2) == (2, None)
