@@ -21,10 +21,10 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from bench_learning import sh as run  # one project command, logged and timed
 
 from visualthinker_ray.tracking import read_scalars
 
@@ -43,17 +43,6 @@ COLUMNS = (
     ("learner/is_weight_min", "min"),
     ("learner/is_truncated_frac", "mean"),
 )
-
-
-def run(cmd: list[str], log: Path) -> float:
-    t0 = time.perf_counter()
-    with open(log, "a") as f:
-        f.write(f"$ {' '.join(cmd)}\n")
-        f.flush()
-        done = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    if done.returncode:
-        raise SystemExit(f"`{' '.join(cmd)}` failed (exit {done.returncode}); see {log}")
-    return time.perf_counter() - t0
 
 
 def summarise(scalars: dict, steps_from: int) -> dict[str, float]:
