@@ -8,6 +8,7 @@ from visualthinker_ray.data.prompts import build_prompt, load_images
 from visualthinker_ray.data.records import PromptRecord
 from visualthinker_ray.models import banned_token_ids, load_model, load_processor, resolve_dtype
 from visualthinker_ray.rollout.engine import Completion, SamplingSpec, prompt_seed
+from visualthinker_ray.sequences import build_batch, completion_logprobs, encode_prompt
 from visualthinker_ray.weight_sync import check_update, params_digest
 
 
@@ -118,30 +119,23 @@ class HFEngine:
     @torch.no_grad()
     def score(self, records: list[PromptRecord], completions: list[list[int]]) -> list[list[float]]:
         """log p(token) of each completion's tokens after its prompt under the weights held now (raw
-        log_softmax, as vLLM's prompt log-probs): the sync alarm's probe."""
-        out = []
-        for r, ids in zip(records, completions, strict=True):
-            images = load_images(r, self.min_pixels, self.max_pixels)
-            prompt = build_prompt(r, self.prompt_style, self.processor)
-            enc = self.processor(text=[prompt], images=images or None, return_tensors="pt").to(self.device)
-            n = enc["input_ids"].shape[1]
-            full = torch.cat([enc["input_ids"], torch.tensor([ids], device=self.device)], dim=1)
-            vision = {k: v for k, v in enc.items() if k in ("pixel_values", "image_grid_thw")}
-            mm = (full == self.model.config.image_token_id).long()  # what the training forward needs
-            logits = (
-                self.model(
-                    input_ids=full,
-                    attention_mask=torch.ones_like(full),
-                    mm_token_type_ids=mm,
-                    use_cache=False,
-                    **vision,
-                )
-                .logits[0, n - 1 : -1]
-                .float()
-            )
-            logp = torch.log_softmax(logits, dim=-1).gather(-1, full[0, n:, None]).squeeze(-1)
-            out.append(logp.cpu().tolist())
-        return out
+        log_softmax, as vLLM's prompt log-probs): the sync alarm's probe. The learner's own batch
+        and log-prob code (sequences.py), so both sides compute it one way."""
+        prompts = [
+            encode_prompt(self.processor, r, self.min_pixels, self.max_pixels, self.prompt_style)
+            for r in records
+        ]
+        batch = build_batch(
+            prompts,
+            completions,
+            pad_token_id=self.tokenizer.pad_token_id,
+            image_token_id=self.model.config.image_token_id,
+            video_token_id=self.model.config.video_token_id,
+        )
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        logp = completion_logprobs(self.model, batch, temperature=1.0, banned_ids=None).float()
+        mask = batch["completion_mask"].bool()
+        return [logp[row][mask[row]].cpu().tolist() for row in range(len(records))]
 
     def _sampled_logprobs(self, step_logits, tokens: torch.Tensor, sampling: SamplingSpec) -> torch.Tensor:
         """log_softmax(masked logits / T) at each sampled token: the learner's formula (engine.py)."""
