@@ -74,13 +74,18 @@ def rollout_target(requested: int | None, cluster_units: float | None) -> int | 
     return requested
 
 
+def on_cpus(cfg: Config) -> bool:
+    """Whether every role runs on CPUs: no rollout worker or learner rank asks for a GPU."""
+    return not (cfg.rollout.gpus_per_worker or cfg.learner.gpus_per_worker)
+
+
 def probe_threshold(cfg: Config) -> float:
     """logging.probe_mismatch_warn, or its default for the dtype the model runs in: bf16 engines and
     learners differ by ~1e-3 nats per token on healthy weights, float32 ones by ~1e-6."""
     if cfg.logging.probe_mismatch_warn is not None:
         return cfg.logging.probe_mismatch_warn
-    device = "cuda" if (cfg.rollout.gpus_per_worker or cfg.learner.gpus_per_worker) else "cpu"
-    return 0.05 if resolve_dtype(cfg.model.dtype, device) == torch.bfloat16 else 1e-3
+    dtype = resolve_dtype(cfg.model.dtype, "cpu" if on_cpus(cfg) else "cuda")
+    return 0.05 if dtype == torch.bfloat16 else 1e-3
 
 
 def check_groups(completions: list[Completion], records: list[PromptRecord], group_size: int) -> None:
@@ -138,8 +143,7 @@ class Trainer:
         )
 
         check_trackers(cfg.logging.trackers)  # before any actor starts
-        on_cpus = not (cfg.rollout.gpus_per_worker or cfg.learner.gpus_per_worker)  # every role
-        if on_cpus and check_cpu_dtype(cfg.model.dtype, cfg.resources.device) == "emulated":
+        if on_cpus(cfg) and check_cpu_dtype(cfg.model.dtype, cfg.resources.device) == "emulated":
             log.warning("model.dtype=bfloat16 on a CPU without native bf16 (AVX512-BF16): it runs, slower")
         connect_ray(cfg)
         self.control = create_control(cfg.resources.job_name)  # `scale --job` finds the run through it
@@ -157,6 +161,7 @@ class Trainer:
         # The generation pipeline: batches submitted and not yet trained on, oldest first.
         self._pending: deque[Submitted] = deque()
         self._probe: list[TrainItem] | None = None  # the sync alarm's fixed sequences (probe_sync)
+        self._rollout_request: int | None = None  # the last `scale --rollout N`: it stands until the next
         self._next_submit = self.step
         self._order_after: dict[int, dict] = {}
         self.rollout = RolloutPool.from_config(cfg)
@@ -364,7 +369,7 @@ class Trainer:
         # never cancels one) retires down to the request once the replacement serves.
         if requested is not None:
             self._rollout_request = requested
-        want = rollout_target(getattr(self, "_rollout_request", None), units)
+        want = rollout_target(self._rollout_request, units)
         pool = self.rollout
         # scale_to never cancels a pending replacement, so the pool may stay above `want` (a no-op)
         if want and want != len(pool.members) + pool.joining and pool.scale_to(want):
