@@ -83,22 +83,41 @@ def completion_logprobs(
     banned_ids: list[int] | None = None,
     with_entropy: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """log_softmax(masked logits / T) at each next token: [B, L-1], meaningful where completion_mask is 1.
+    """log_softmax(masked logits / T) at each next token: [B, L-1], meaningful where completion_mask is 1
+    (0 before the first completion target of the batch).
 
     The same quantity the engines report (rollout/engine.py), so ratios and mismatch are well defined.
     With `with_entropy`, also the per-token entropy of that distribution (no grad; for metrics).
+
+    The output layer runs only from the batch's first completion target on (`logits_to_keep`): at
+    Qwen2-VL-2B's 151,936-token vocabulary the prompt's ~600 positions (~500 of them image tokens)
+    would otherwise make B x 600 x 152k float logits, and the copies masking and log_softmax take,
+    for nothing.
     """
     from visualthinker_ray.grpo import token_entropy, token_logprobs
 
     inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
-    logits = model(**inputs, use_cache=False).logits[:, :-1]
+    start = first_target(batch["completion_mask"])  # logits at t predict token t + 1
+    width = batch["input_ids"].shape[1]
+    logits = model(**inputs, use_cache=False, logits_to_keep=width - start).logits[:, :-1]
     if banned_ids:
         ban = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
         ban[banned_ids] = True
         logits = logits.masked_fill(ban, float("-inf"))
-    logp = token_logprobs(logits, batch["input_ids"][:, 1:], temperature)
+    logp = _left_pad(token_logprobs(logits, batch["input_ids"][:, start + 1 :], temperature), start)
     if not with_entropy:
         return logp
     with torch.no_grad():
-        entropy = token_entropy(logits.detach(), temperature)
+        entropy = _left_pad(token_entropy(logits.detach(), temperature), start)
     return logp, entropy
+
+
+def first_target(completion_mask: torch.Tensor) -> int:
+    """The first position whose logits any row of the batch needs (0 for an all-zero mask)."""
+    hits = completion_mask.any(dim=0).nonzero()
+    return int(hits[0]) if len(hits) else 0
+
+
+def _left_pad(values: torch.Tensor, start: int) -> torch.Tensor:
+    """[B, n] -> [B, start + n], zeros in front: back to one value per position of the batch."""
+    return torch.nn.functional.pad(values, (start, 0))
