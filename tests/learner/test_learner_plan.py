@@ -102,3 +102,23 @@ def test_cpu_plan_picks_threads_and_cores_by_mode_and_keeps_what_is_set():
     assert cpu_plan(3, None, 1, 1, 8) == (3, None)
     assert cpu_plan(None, [0], 1, 1, 2) == (1, [0])
     assert cpu_plan(16, None, 0, 1, 2) == (2, None)
+
+
+def test_a_prompt_the_engine_tokenized_otherwise_is_refused_with_the_counts(tiny_model_dir, synthetic_dir):
+    from visualthinker_ray.batches import TrainItem
+    from visualthinker_ray.data.sat import load_sat
+    from visualthinker_ray.errors import InputError
+    from visualthinker_ray.learner.worker import check_prompt_len
+    from visualthinker_ray.models import load_processor
+    from visualthinker_ray.sequences import encode_prompt
+
+    rec = load_sat(str(synthetic_dir / "SAT"), split="train", seed=0).records[0]
+    proc = load_processor(tiny_model_dir, 28 * 28 * 4, 28 * 28 * 16)
+    enc = encode_prompt(proc, rec, 28 * 28 * 4, 28 * 28 * 16)
+    image_pad = proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    check_prompt_len(enc, TrainItem(rec, [1, 2], 0.0, len(enc.input_ids)), image_pad)  # the same: passes
+    wrong = TrainItem(rec, [1, 2], 0.0, len(enc.input_ids) - 12)  # an engine that made 12 image tokens fewer
+    with pytest.raises(
+        InputError, match=rf"engine's prompt has {len(enc.input_ids) - 12} tokens.*max_pixels"
+    ):
+        check_prompt_len(enc, wrong, image_pad)

@@ -168,6 +168,7 @@ class LearnerWorker:
                     self.cfg.model.max_pixels,
                     self.cfg.model.prompt_style,
                 )
+            check_prompt_len(cache[rec.id], it, self.model.config.image_token_id)
             out.append(cache[rec.id])
         return out
 
@@ -478,6 +479,19 @@ class LearnerWorker:
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def check_prompt_len(encoded, item: TrainItem, image_token_id: int) -> None:
+    """The learner's prompt must be the engine's: a different image-token count (the processors'
+    pixel bounds differ) would train on other positions than the ones sampled, silently."""
+    if len(encoded.input_ids) != item.prompt_len:
+        images = encoded.input_ids.count(image_token_id)
+        raise InputError(
+            f"prompt {item.record.id!r}: the engine's prompt has {item.prompt_len} tokens, the learner's "
+            f"{len(encoded.input_ids)} ({images} of them image tokens). Both sides must process images "
+            "the same way: the same model.path processor, model.min_pixels / model.max_pixels and "
+            "model.prompt_style for the rollout engines and the learner"
+        )
 
 
 def cpu_plan(

@@ -180,6 +180,10 @@ class VLLMEngine:
             dtype=self.dtype,
             max_model_len=max_model_len,
             limit_mm_per_prompt={"image": max_images_per_prompt},
+            # The configured pixel bounds, not the checkpoint's processor_config.json: with a smaller
+            # saved max_pixels vLLM shrank a 616 px image to 16 image tokens where the learner's
+            # processor made 484, and the learner trained on another prompt than the engine's.
+            mm_processor_kwargs={"min_pixels": min_pixels, "max_pixels": max_pixels},
             # Sampled-token log-probs after temperature and the token bans: what the learner computes.
             logprobs_mode="processed_logprobs",
             seed=seed,
