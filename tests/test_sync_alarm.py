@@ -67,6 +67,8 @@ def test_bf16_one_step_off_trains_and_the_probe_rings_on_a_partial_sync(
     trainer = Trainer(cfg)
     try:
         assert {info["compute_dtype"] for info in trainer.learner.rank_info} == {"bfloat16"}
+        # the frozen reference is stored in bf16 (tests/learner/test_learner_plan.py: exactly as cast)
+        assert {info["reference_dtype"] for info in trainer.learner.rank_info} == {"bfloat16"}
         assert probe_threshold(cfg) == WARN
         acknowledge_without_syncing(trainer.rollout, BROKEN_FROM)
         with caplog.at_level(logging.WARNING, logger="visualthinker_ray.trainer"):

@@ -122,3 +122,24 @@ def test_a_prompt_the_engine_tokenized_otherwise_is_refused_with_the_counts(tiny
         InputError, match=rf"engine's prompt has {len(enc.input_ids) - 12} tokens.*max_pixels"
     ):
         check_prompt_len(enc, wrong, image_pad)
+
+
+def test_a_reference_loaded_in_bf16_holds_the_fp32_weights_as_the_mixed_precision_cast_makes_them(
+    tiny_model_dir,
+):
+    """The learner stores its frozen reference in the compute dtype. FSDP2's MixedPrecisionPolicy casts
+    each fp32 master parameter with .to(bfloat16) before computing; loading in bf16 must give the
+    same bits, and leave the buffers (rotary frequencies) as the fp32 model has them."""
+    import torch
+
+    from visualthinker_ray.models import load_model
+
+    fp32, bf16 = load_model(tiny_model_dir, torch.float32), load_model(tiny_model_dir, torch.bfloat16)
+    params = dict(bf16.named_parameters())
+    assert params.keys() == dict(fp32.named_parameters()).keys()
+    for name, p in fp32.named_parameters():
+        assert params[name].dtype == torch.bfloat16
+        assert torch.equal(params[name], p.to(torch.bfloat16)), name
+    buffers = dict(bf16.named_buffers())
+    for name, b in fp32.named_buffers():
+        assert buffers[name].dtype == b.dtype and torch.equal(buffers[name], b), name
