@@ -36,52 +36,42 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from visualthinker_ray.grpo import policy_loss, token_logprobs  # noqa: E402
+from visualthinker_ray.toy.real_shape import QWEN2_SPECIAL_IDS, QWEN2_VL_2B, real_shape_config  # noqa: E402
 from visualthinker_ray.weight_sync.plan import Handshake, WeightSyncError, plan_buckets, tensor_metas  # noqa: E402
 from visualthinker_ray.weight_sync.transport import WeightSender  # noqa: E402
 
-# Qwen2-VL-2B's published configuration (config.json of Qwen/Qwen2-VL-2B).
-QWEN2VL_2B_TEXT = dict(
-    vocab_size=151936,
-    hidden_size=1536,
-    intermediate_size=8960,
-    num_hidden_layers=28,
-    num_attention_heads=12,
-    num_key_value_heads=2,
-    max_position_embeddings=32768,
-    rms_norm_eps=1e-6,
-    rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]},
-    bos_token_id=151643,
-    eos_token_id=151645,
+IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = (
+    QWEN2_SPECIAL_IDS[t] for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
 )
-QWEN2VL_2B_VISION = dict(
-    depth=32, embed_dim=1280, hidden_size=1536, mlp_ratio=4, num_heads=16, in_chans=3,
-    patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-)  # fmt: skip
-IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 151655, 151656, 151652, 151653
+QWEN2VL_2B_VISION = dict(QWEN2_VL_2B["vision"], in_chans=3)
 # The smallest variant for --small (a dry run of the code path, not a measurement).
-SMALL_TEXT = dict(QWEN2VL_2B_TEXT, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                  num_attention_heads=2, num_key_value_heads=1,
-                  rope_parameters=dict(QWEN2VL_2B_TEXT["rope_parameters"], mrope_section=[8, 12, 12]))  # fmt: skip
+SMALL_TEXT = dict(vocab_size=QWEN2_VL_2B["vocab_size"], hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32768,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [8, 12, 12]})  # fmt: skip
 SMALL_VISION = dict(QWEN2VL_2B_VISION, depth=2, embed_dim=32, num_heads=2, hidden_size=128)
 
 BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, per GPU
 
 
-def build_model(device: torch.device, small: bool):
+def build_model(device: torch.device, small: bool, dtype: torch.dtype = torch.float32):
+    """Qwen2-VL-2B from its published configuration (toy/real_shape.py), or the --small variant."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    cfg = Qwen2VLConfig(
-        text_config=SMALL_TEXT if small else QWEN2VL_2B_TEXT,
-        vision_config=SMALL_VISION if small else QWEN2VL_2B_VISION,
-        image_token_id=IMAGE_TOKEN,
-        video_token_id=VIDEO_TOKEN,
-        vision_start_token_id=VISION_START,
-        vision_end_token_id=VISION_END,
-        tie_word_embeddings=True,
-    )
+    if small:
+        cfg = Qwen2VLConfig(
+            text_config=SMALL_TEXT,
+            vision_config=SMALL_VISION,
+            image_token_id=IMAGE_TOKEN,
+            video_token_id=VIDEO_TOKEN,
+            vision_start_token_id=VISION_START,
+            vision_end_token_id=VISION_END,
+            tie_word_embeddings=True,
+        )
+    else:
+        cfg = real_shape_config(QWEN2_VL_2B["num_hidden_layers"], QWEN2_VL_2B["vision"]["depth"])
     torch.manual_seed(0)
     with torch.device(device):
-        model = Qwen2VLForConditionalGeneration(cfg).float()
+        model = Qwen2VLForConditionalGeneration(cfg).to(dtype)
     return model
 
 
@@ -114,20 +104,23 @@ def make_batch(n: int, grid: tuple[int, int, int], prompt_text: int, completion:
         "pixel_values": torch.randn(n * patches, patch_dim, generator=g),
         "image_grid_thw": torch.tensor([list(grid)] * n),
     }
-    mask = torch.zeros(n, ids.shape[1] - 1)
-    mask[:, -completion:] = 1.0
+    mask = torch.ones(n, completion)  # over the completion's positions (logprobs' window)
     return {k: v.to(device) for k, v in batch.items()}, mask.to(device)
 
 
-def logprobs(model, batch):
-    logits = model(**batch, use_cache=False).logits[:, :-1]
-    return token_logprobs(logits, batch["input_ids"][:, 1:], 1.0)
+def logprobs(model, batch, completion: int):
+    """The completion's log-probs, the output layer run on its positions only, as the learner does
+    (sequences.completion_logprobs): at a 152k vocabulary the prompt's logits cost GBs for nothing."""
+    logits = model(**batch, use_cache=False, logits_to_keep=completion + 1).logits[:, :-1]
+    return token_logprobs(logits, batch["input_ids"][:, -completion:], 1.0)
 
 
 def check_learner(args, device) -> dict:
     bf16 = device.type == "cuda"
     model = build_model(device, args.small)
-    reference = build_model(device, args.small).eval().requires_grad_(False)
+    # stored in the compute dtype, as the learner stores it (no master weights to keep)
+    reference = build_model(device, args.small, torch.bfloat16 if bf16 else torch.float32)
+    reference.eval().requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -143,8 +136,8 @@ def check_learner(args, device) -> dict:
         opt.zero_grad(set_to_none=True)
         for batch, mask in micro:
             with torch.no_grad():
-                ref = logprobs(reference, batch)
-            logp = logprobs(model, batch)
+                ref = logprobs(reference, batch, args.completion_tokens)
+            logp = logprobs(model, batch, args.completion_tokens)
             adv = torch.randn(mask.shape[0], device=device)
             loss, _ = policy_loss(logp, logp.detach(), ref, adv, mask, beta=0.04)
             loss.backward()
@@ -191,13 +184,18 @@ def check_sync_bytes(model, device, args) -> dict:
         sender = WeightSender("127.0.0.1", free_port(), hs, args.timeout, device, int(args.bucket_mb * 2**20))
         full = ((n, p.full_tensor() if hasattr(p, "full_tensor") else p) for n, p in model.named_parameters())
         _sync(device)
+        cuda = device.type == "cuda"
+        if cuda:  # what a sync adds on the sender's GPU: the wire buckets (and, sharded, a gathered tensor)
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
         stats = sender.send((x for x in full), metas, plan)
         _sync(device)
         seconds = time.perf_counter() - t0
+        extra = (torch.cuda.max_memory_allocated() - before) / 2**30 if cuda else None
         sender.close()
         result[wire] = {"bytes": stats["bytes"], "buckets": stats["buckets"], "seconds": seconds,
-                        "gb_per_s": stats["bytes"] / seconds / 1e9}  # fmt: skip
+                        "gb_per_s": stats["bytes"] / seconds / 1e9, "sender_extra_gib": extra}  # fmt: skip
     result["bf16_over_fp32_bytes"] = result["bfloat16"]["bytes"] / fp32
     return result
 
@@ -314,6 +312,7 @@ def main() -> None:
         ("peak memory", f"{learner['peak_memory_gib']:.1f} GiB" if learner["peak_memory_gib"] else "n/a"),
         ("sync bytes bf16 / fp32", f"{s['bfloat16']['bytes'] / 1e9:.2f} / {s['fp32_bytes'] / 1e9:.2f} GB"),
         ("sync pack+send bf16", f"{s['bfloat16']['gb_per_s']:.1f} GB/s"),
+        ("sync: sender GPU memory added", f"{s['bfloat16']['sender_extra_gib'] or float('nan'):.2f} GiB"),
         (
             "dead peer raised in",
             f"{dead['elapsed_s']:.1f} s (bound {args.timeout + 10:.0f} s): {dead['within_bound']}",

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from visualthinker_ray.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from visualthinker_ray.errors import InputError
-from visualthinker_ray.toy.tiny_model import SPECIAL_TOKENS, build_processor, build_tiny_tokenizer
+
+# Only torch, transformers and errors.py at import: bench/gpu_check.py takes the configuration from
+# here on a GPU machine that has nothing else of the project's dependencies.
 
 # Qwen/Qwen2-VL-2B config.json (the facts of the published model).
 QWEN2_VL_2B = {
@@ -71,6 +72,8 @@ def real_vocab_tokenizer(vocab_size: int = QWEN2_VL_2B["vocab_size"]):
     """The tiny BPE re-laid to Qwen2's ids (module docstring), as a transformers fast tokenizer."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
+
+    from visualthinker_ray.toy.tiny_model import SPECIAL_TOKENS, build_tiny_tokenizer
 
     tiny = build_tiny_tokenizer()
     data = json.loads(tiny.backend_tokenizer.to_str())
@@ -144,14 +147,21 @@ def make_real_shape_model(
     vision_depth: int = QWEN2_VL_2B["vision"]["depth"],
     dtype: str = "bfloat16",
     seed: int = 0,
-    min_pixels: int = DEFAULT_MIN_PIXELS,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
 ) -> Path:
-    """Write a random Qwen2-VL-2B-shaped model (HF format, `dtype` weights) with its processor.
+    """Write a random Qwen2-VL-2B-shaped model (HF format, `dtype` weights) with its processor
+    (pixel bounds: the tiny model's defaults unless given).
 
     Full depth is ~2.2B parameters: 4.4 GB in bf16 on disk and ~4.5 GB of memory while it is built
     (the weights are made in `dtype`, never in float32 first)."""
     from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
+
+    from visualthinker_ray.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+    from visualthinker_ray.toy.tiny_model import build_processor
+
+    min_pixels = DEFAULT_MIN_PIXELS if min_pixels is None else min_pixels
+    max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
 
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
