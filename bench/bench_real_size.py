@@ -235,12 +235,13 @@ def time_sync(trainer: Trainer, repeats: int) -> dict:
     }
 
 
-def extrapolate(measured: dict, counts: dict, full: dict, args) -> dict:
+def extrapolate(measured: dict, counts: dict, full: dict) -> dict:
     """Memory and sync at Qwen2-VL-2B's full depth, from parameter counts (assumptions inline)."""
     p_small, p_full = sum(counts.values()), sum(full.values())
     extra = p_full - p_small
-    trainable = 1.0  # RECIPE: the whole model trains (freeze_vision false)
-    learner_b = 4 + 4 * trainable + 8 * trainable + 2  # fp32 master, fp32 grad, AdamW m+v, bf16 reference
+    # RECIPE: the whole model trains (freeze_vision false): fp32 master 4 + fp32 grad 4 + AdamW m, v 8
+    # + bf16 reference 2 bytes per parameter
+    learner_b = 4 + 4 + 8 + 2
     peak = measured["system_peak_gb"]
     bytes_full = 2 * p_full  # bf16 on the wire
     rates = {"H100 NVLink (~300 GB/s broadcast)": 300e9, "PCIe Gen5 x16 (~50 GB/s)": 50e9,
@@ -370,7 +371,7 @@ def main() -> None:
         "served_weights": served,
         "sync": sync,
         **measured,
-        "full_depth": extrapolate(measured, counts, full, args),
+        "full_depth": extrapolate(measured, counts, full),
     }
     print_table(result)
     path = Path(args.results)

@@ -36,7 +36,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from visualthinker_ray.grpo import policy_loss, token_logprobs  # noqa: E402
-from visualthinker_ray.toy.real_shape import QWEN2_SPECIAL_IDS, QWEN2_VL_2B, real_shape_config  # noqa: E402
+from visualthinker_ray.toy.real_shape import QWEN2_SPECIAL_IDS, QWEN2_VL_2B, qwen2vl_config, real_shape_config  # noqa: E402
 from visualthinker_ray.weight_sync.plan import Handshake, WeightSyncError, plan_buckets, tensor_metas  # noqa: E402
 from visualthinker_ray.weight_sync.transport import WeightSender  # noqa: E402
 
@@ -55,18 +55,10 @@ BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
 
 def build_model(device: torch.device, small: bool, dtype: torch.dtype = torch.float32):
     """Qwen2-VL-2B from its published configuration (toy/real_shape.py), or the --small variant."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLForConditionalGeneration
 
     if small:
-        cfg = Qwen2VLConfig(
-            text_config=SMALL_TEXT,
-            vision_config=SMALL_VISION,
-            image_token_id=IMAGE_TOKEN,
-            video_token_id=VIDEO_TOKEN,
-            vision_start_token_id=VISION_START,
-            vision_end_token_id=VISION_END,
-            tie_word_embeddings=True,
-        )
+        cfg = qwen2vl_config(SMALL_TEXT, SMALL_VISION, QWEN2_SPECIAL_IDS)
     else:
         cfg = real_shape_config(QWEN2_VL_2B["num_hidden_layers"], QWEN2_VL_2B["vision"]["depth"])
     torch.manual_seed(0)

@@ -104,9 +104,43 @@ def real_vocab_tokenizer(vocab_size: int = QWEN2_VL_2B["vocab_size"]):
     )
 
 
-def real_shape_config(num_layers: int, vision_depth: int):
+def qwen2vl_config(text_config: dict, vision_config: dict, ids: dict[str, int], tie: bool = True):
+    """A Qwen2VLConfig with the vision special tokens wired to `ids` (token -> id); the tiny model,
+    this one and bench/gpu_check.py's small variant all build theirs here."""
     from transformers import Qwen2VLConfig
 
+    return Qwen2VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=tie,
+    )
+
+
+def save_checkpoint(
+    model, processor, out: Path, meta_name: str, meta: dict, max_shard_size: str = "5GB"
+) -> Path:
+    """Write model (with a sampling generation config), processor and a provenance file to `out`."""
+    from transformers import GenerationConfig
+
+    text = model.config.text_config
+    model.generation_config = GenerationConfig(
+        bos_token_id=text.bos_token_id,
+        eos_token_id=text.eos_token_id,
+        pad_token_id=text.pad_token_id,
+        do_sample=True,
+        temperature=1.0,
+    )
+    model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
+    processor.save_pretrained(out)
+    (out / meta_name).write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def real_shape_config(num_layers: int, vision_depth: int):
     q, v = QWEN2_VL_2B, QWEN2_VL_2B["vision"]
     if num_layers < 1 or vision_depth < 1:
         raise InputError(f"num_layers and vision_depth must be at least 1, got {num_layers}, {vision_depth}")
@@ -130,15 +164,7 @@ def real_shape_config(num_layers: int, vision_depth: int):
         pad_token_id=ids["<|endoftext|>"],
     )
     vision_config = dict(v, depth=vision_depth, hidden_size=q["hidden_size"], in_channels=3)
-    return Qwen2VLConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=q["tie_word_embeddings"],
-    )
+    return qwen2vl_config(text_config, vision_config, ids, q["tie_word_embeddings"])
 
 
 def make_real_shape_model(
@@ -155,7 +181,7 @@ def make_real_shape_model(
 
     Full depth is ~2.2B parameters: 4.4 GB in bf16 on disk and ~4.5 GB of memory while it is built
     (the weights are made in `dtype`, never in float32 first)."""
-    from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLForConditionalGeneration
 
     from visualthinker_ray.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
     from visualthinker_ray.toy.tiny_model import build_processor
@@ -183,15 +209,7 @@ def make_real_shape_model(
             model = Qwen2VLForConditionalGeneration(config)
         finally:
             torch.set_default_dtype(previous)
-    model.generation_config = GenerationConfig(
-        bos_token_id=config.text_config.bos_token_id,
-        eos_token_id=config.text_config.eos_token_id,
-        pad_token_id=config.text_config.pad_token_id,
-        do_sample=True,
-        temperature=1.0,
-    )
-    model.save_pretrained(out, safe_serialization=True, max_shard_size="2GB")
-    processor.save_pretrained(out)
     meta = {"seed": seed, "kind": "qwen2-vl-2b-shape", "layers": num_layers, "vision_depth": vision_depth}
-    (out / "visualthinker_real_shape.json").write_text(json.dumps({**meta, "dtype": dtype}, indent=2))
-    return out
+    return save_checkpoint(
+        model, processor, out, "visualthinker_real_shape.json", {**meta, "dtype": dtype}, max_shard_size="2GB"
+    )

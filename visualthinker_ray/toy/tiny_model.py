@@ -3,13 +3,13 @@ so it loads through exactly the `from_pretrained` path (and vLLM's loader) that 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from visualthinker_ray.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from visualthinker_ray.errors import InputError
+from visualthinker_ray.toy.real_shape import qwen2vl_config, save_checkpoint
 
 # Special tokens of Qwen2-VL, in the order the tiny tokenizer gives them ids 0..N-1.
 SPECIAL_TOKENS = [
@@ -120,8 +120,6 @@ def tiny_model_config(
     """
     if rope_theta <= 1:
         raise InputError(f"rope_theta must be above 1, got {rope_theta}")
-    from transformers import Qwen2VLConfig
-
     head_dim = 64
     num_heads = hidden_size // head_dim
     if num_heads * head_dim != hidden_size:
@@ -154,15 +152,7 @@ def tiny_model_config(
         spatial_merge_size=spatial_merge_size,
         temporal_patch_size=2,
     )
-    return Qwen2VLConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
-    )
+    return qwen2vl_config(text_config, vision_config, ids)
 
 
 INITS = ("hf", "fan_in")
@@ -214,7 +204,7 @@ def make_tiny_model(
     """
     if init not in INITS:
         raise InputError(f"init must be one of {INITS}, got {init!r}")
-    from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLForConditionalGeneration
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -229,16 +219,5 @@ def make_tiny_model(
         model = Qwen2VLForConditionalGeneration(config)
         if init == "fan_in":
             fan_in_init_(model)
-    model.generation_config = GenerationConfig(
-        bos_token_id=config.text_config.bos_token_id,
-        eos_token_id=config.text_config.eos_token_id,
-        pad_token_id=config.text_config.pad_token_id,
-        do_sample=True,
-        temperature=1.0,
-    )
-    model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
-    (out / "visualthinker_tiny.json").write_text(
-        json.dumps({"seed": seed, "kind": "tiny-qwen2-vl", "init": init}, indent=2)
-    )
-    return out
+    meta = {"seed": seed, "kind": "tiny-qwen2-vl", "init": init}
+    return save_checkpoint(model, processor, out, "visualthinker_tiny.json", meta)
